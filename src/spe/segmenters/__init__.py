@@ -1,0 +1,39 @@
+"""In-context segmenters behind one interface, created by name.
+
+``create("patch")``, ``create("atlas")`` and ``create("universeg", weights=...)``
+return an :class:`InContextSegmenter`. The weight-free ones need nothing but
+this package; UniverSeg needs its official weights file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from spe.errors import SPEError
+from spe.segmenters.base import InContextSegmenter, PreparedImages
+
+# name -> (module, class); imported lazily so a missing optional part of one
+# segmenter never breaks the others.
+_REGISTRY = {
+    "patch": ("spe.segmenters.patch", "PatchFusionSegmenter"),
+    "atlas": ("spe.segmenters.atlas", "AtlasSegmenter"),
+    "universeg": ("spe.segmenters.universeg", "UniverSegSegmenter"),
+}
+
+SEGMENTER_NAMES = tuple(_REGISTRY)
+
+
+def create(name: str, **options: Any) -> InContextSegmenter:
+    """An in-context segmenter by name, with its options as keywords."""
+    if name not in _REGISTRY:
+        message = (
+            f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTER_NAMES)}"
+        )
+        raise SPEError(message)
+    module_name, class_name = _REGISTRY[name]
+    segmenter_class = getattr(importlib.import_module(module_name), class_name)
+    return segmenter_class(**options)
+
+
+__all__ = ["SEGMENTER_NAMES", "InContextSegmenter", "PreparedImages", "create"]
