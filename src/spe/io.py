@@ -1,0 +1,436 @@
+"""Reading images, masks and folders of cases, with spacing, failing clearly.
+
+Axis order: every array is returned in NumPy (row-major) order. A 2-D image is
+(H, W), or (H, W, C) for colour; a 3-D volume is (Z, Y, X), the reverse of the
+(x, y, z) order that NIfTI, MetaImage and NRRD headers (and SimpleITK's
+``GetSpacing``) use. Spacing is always given in the array's axis order, in
+millimetres for medical formats and 1.0 for photographic formats unless the
+user overrides it. Orientation (direction cosines) is not applied: images and
+masks are compared voxel by voxel as stored, which is how segmentation tools
+write their predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, UnidentifiedImageError
+
+from spe.errors import SPEError
+
+logger = logging.getLogger(__name__)
+
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MEDICAL_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+IMAGE_EXTENSIONS = MEDICAL_EXTENSIONS + PHOTO_EXTENSIONS
+
+# nnU-Net names the channels of an image case_0000, case_0001, ...
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image or mask as read from disk.
+
+    Attributes:
+        array: (H, W), (H, W, C) or (Z, Y, X) array, dtype as stored (masks:
+            an integer label map).
+        spacing: size of a pixel or voxel along each spatial axis of ``array``,
+            same order, in mm (1.0 where the file has no spacing).
+        path: the file it came from.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    path: Path
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The shape without a trailing colour axis."""
+        return tuple(self.array.shape[: len(self.spacing)])
+
+
+# ---------------------------------------------------------------------------
+# File names
+
+
+def split_extension(path: Path | str) -> tuple[str, str]:
+    """(stem, extension) with double extensions such as ``.nii.gz`` kept whole."""
+    name = Path(path).name
+    lower = name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if lower.endswith(extension):
+            return name[: -len(extension)], lower[-len(extension) :]
+    suffix = Path(name).suffix
+    return name[: len(name) - len(suffix)], suffix.lower()
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file in a format this package reads."""
+    return path.is_file() and split_extension(path)[1] in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------
+# Single files
+
+
+def _read_photo(path: Path) -> np.ndarray:
+    """PNG, JPEG, BMP or TIFF -> (H, W) or (H, W, C) array as stored."""
+    with Image.open(path) as image:
+        image.load()
+        mode = image.mode
+        bits = getattr(image, "tag_v2", {}).get(258, (8,))
+        if mode in ("RGB", "RGBA") and max(np.atleast_1d(bits)) > 8:
+            # Pillow would truncate 16-bit colour TIFF to 8 bits.
+            raise NotImplementedError("16-bit colour TIFF")
+        if mode == "P":
+            # A palette image keeps its indices: for masks they are the labels.
+            return np.asarray(image)
+        if mode in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F", "RGB", "RGBA"):
+            return np.asarray(image)
+        if mode == "LA":
+            return np.asarray(image)[..., 0]
+        return np.asarray(image.convert("RGB"))
+
+
+def _read_medical(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """NIfTI, MetaImage or NRRD -> (array in (Z, Y, X) order, spacing in mm)."""
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    if image.GetNumberOfComponentsPerPixel() > 1 and array.ndim == len(spacing):
+        array = array[..., None]
+
+    # A 2-D image saved as a one-slice volume (nnU-Net does this) is 2-D here.
+    while len(spacing) > 2 and array.shape[0] == 1:
+        array = array[0]
+        spacing = spacing[1:]
+    return array, spacing
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Read any supported file; spacing is None for photographic formats."""
+    if not path.exists():
+        raise SPEError(f"{path}: no such file; check the path")
+    extension = split_extension(path)[1]
+    if extension not in IMAGE_EXTENSIONS:
+        message = (
+            f"{path}: unsupported file type {extension or '(none)'!r}; "
+            f"use one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
+        raise SPEError(message)
+
+    try:
+        if extension in PHOTO_EXTENSIONS:
+            try:
+                return _read_photo(path), None
+            except (UnidentifiedImageError, ValueError, NotImplementedError):
+                if extension not in (".tif", ".tiff"):
+                    raise
+                # Pillow lacks some TIFF layouts (16-bit colour); ITK reads them.
+                return _read_medical(path)[0], None
+        return _read_medical(path)
+    except SPEError:
+        raise
+    except (OSError, RuntimeError, ValueError, UnidentifiedImageError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = reason[:160] or type(error).__name__
+        message = (
+            f"{path}: cannot read this file ({reason}); it may be truncated or "
+            f"not a {extension} image, so re-export it"
+        )
+        raise SPEError(message) from error
+
+
+def _spacing_for(
+    path: Path,
+    header_spacing: tuple[float, ...] | None,
+    n_spatial: int,
+    override: Sequence[float] | None,
+) -> tuple[float, ...]:
+    """The spacing to use: the override, else the header, else 1.0 per axis."""
+    if override is not None:
+        override = tuple(float(s) for s in override)
+        if len(override) != n_spatial:
+            message = (
+                f"{path}: spacing {override} has {len(override)} values but the "
+                f"image has {n_spatial} spatial axes; give one value per axis"
+            )
+            raise SPEError(message)
+        if any(not np.isfinite(s) or s <= 0 for s in override):
+            raise SPEError(f"spacing {override} must be positive numbers (mm)")
+        return override
+    if header_spacing is not None:
+        return header_spacing
+    return (1.0,) * n_spatial
+
+
+def _spatial_axes(array: np.ndarray, header_spacing: tuple[float, ...] | None) -> int:
+    """How many axes of ``array`` are spatial (the rest is colour)."""
+    if header_spacing is not None:
+        return len(header_spacing)
+    return 2
+
+
+def read_image(
+    path: Path | str, *, spacing: Sequence[float] | None = None
+) -> LoadedImage:
+    """Read an image: (H, W), (H, W, C) colour, or a (Z, Y, X) volume.
+
+    Args:
+        path: a PNG, JPEG, BMP, TIFF, NIfTI, MetaImage or NRRD file.
+        spacing: overrides the spacing (mm, array axis order).
+
+    Raises:
+        SPEError: the file is missing, unreadable, or holds NaN or infinity.
+    """
+    path = Path(path)
+    array, header_spacing = _read_array(path)
+    if array.ndim < 2 or array.size == 0:
+        raise SPEError(f"{path}: holds no 2-D or 3-D image (shape {array.shape})")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        message = (
+            f"{path}: the image holds NaN or infinite values; replace them "
+            f"(for example with the background intensity) before estimating"
+        )
+        raise SPEError(message)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+
+    n_spatial = _spatial_axes(array, header_spacing)
+    return LoadedImage(
+        array=array,
+        spacing=_spacing_for(path, header_spacing, n_spatial, spacing),
+        path=path,
+    )
+
+
+def read_mask(
+    path: Path | str, *, spacing: Sequence[float] | None = None
+) -> LoadedImage:
+    """Read a mask or label map as a non-negative integer array.
+
+    Binary masks may be stored 0/1 or 0/255; label maps store the class index.
+    A colour file whose channels are equal is read as gray.
+
+    Raises:
+        SPEError: the file is unreadable, is a colour image with unequal
+            channels, or holds negative or fractional values.
+    """
+    image = read_image(path, spacing=spacing)
+    array = image.array
+    if array.ndim == len(image.spacing) + 1:
+        channels = array[..., :3] if array.shape[-1] in (3, 4) else array
+        if not (channels == channels[..., :1]).all():
+            message = (
+                f"{image.path}: a colour mask with unequal channels; save masks as "
+                f"single-channel label images (0 = background, 1..K = classes)"
+            )
+            raise SPEError(message)
+        array = channels[..., 0]
+
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.array_equal(array, np.round(array)):
+            message = (
+                f"{image.path}: the mask holds fractional values (probabilities?); "
+                f"threshold it into a label image first"
+            )
+            raise SPEError(message)
+        array = array.astype(np.int32)
+    if array.min() < 0:
+        message = (
+            f"{image.path}: the mask holds negative values (min {array.min()}); "
+            f"labels must be 0 (background) or positive class indices"
+        )
+        raise SPEError(message)
+    return LoadedImage(array=array, spacing=image.spacing, path=image.path)
+
+
+def read_spacing_table(path: Path | str) -> dict[str, tuple[float, ...]]:
+    """Per-case spacing from a CSV with a ``case_id`` column and spacing columns.
+
+    One numeric column (such as ``pixel_size_mm``) means the same spacing on
+    every axis; several columns give the spacing per axis in array order.
+
+    Returns:
+        case id -> spacing in mm; a 1-tuple means isotropic.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise SPEError(f"{path}: cannot read the spacing table ({error})") from error
+    if not rows or "case_id" not in rows[0]:
+        raise SPEError(f"{path}: a spacing table needs a header with a case_id column")
+
+    table = {}
+    columns = [name for name in rows[0] if name != "case_id"]
+    for line, row in enumerate(rows, start=2):
+        try:
+            values = tuple(float(row[name]) for name in columns)
+        except (TypeError, ValueError) as error:
+            message = f"{path}:{line}: spacing values must be numbers, got {row}"
+            raise SPEError(message) from error
+        if not values or any(v <= 0 or not np.isfinite(v) for v in values):
+            raise SPEError(f"{path}:{line}: spacing must be positive, got {values}")
+        table[row["case_id"]] = values
+    return table
+
+
+def expand_spacing(spacing: tuple[float, ...], n_spatial: int) -> tuple[float, ...]:
+    """A spacing of 1 value (isotropic) or ``n_spatial`` values, as n values."""
+    if len(spacing) == 1:
+        return spacing * n_spatial
+    if len(spacing) != n_spatial:
+        message = (
+            f"spacing {spacing} has {len(spacing)} values for an image with "
+            f"{n_spatial} axes; give 1 value or {n_spatial}"
+        )
+        raise SPEError(message)
+    return spacing
+
+
+# ---------------------------------------------------------------------------
+# Folders of cases
+
+
+def list_cases(
+    folder: Path | str, *, strip_channel_suffix: bool = False
+) -> dict[str, Path]:
+    """Case id -> file for every image file in ``folder`` (not recursive).
+
+    The case id is the file name without its extension. With
+    ``strip_channel_suffix`` (for images), nnU-Net's ``_0000`` channel suffix
+    is removed; further channels (``_0001``...) are not used, and a warning
+    names them.
+
+    Raises:
+        SPEError: the folder is missing, holds no image files, or two files
+            give the same case id.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SPEError(f"{folder}: no such folder; check the path")
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not files:
+        message = (
+            f"{folder}: holds no image files; expected one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}"
+        )
+        raise SPEError(message)
+
+    cases: dict[str, Path] = {}
+    extra_channels = []
+    for path in files:
+        case_id = split_extension(path)[0]
+        if strip_channel_suffix:
+            match = CHANNEL_SUFFIX.match(case_id)
+            if match and match["channel"] != "0000":
+                extra_channels.append(path.name)
+                continue
+            if match:
+                case_id = match["case"]
+        if case_id in cases:
+            message = (
+                f"{folder}: {cases[case_id].name} and {path.name} are both case "
+                f"{case_id!r}; keep one file per case"
+            )
+            raise SPEError(message)
+        cases[case_id] = path
+
+    if extra_channels:
+        logger.warning(
+            "%s: using channel _0000 only; ignoring %d other channel files (%s)",
+            folder,
+            len(extra_channels),
+            describe_names(extra_channels),
+        )
+    return cases
+
+
+def describe_names(names: Iterable[str], *, limit: int = 5) -> str:
+    """'a, b, c and 7 more': a short list of names for a one-line message."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" and {len(names) - limit} more"
+    return shown
+
+
+def match_cases(
+    first: dict[str, Path],
+    second: dict[str, Path],
+    *,
+    first_name: str,
+    second_name: str,
+) -> list[str]:
+    """The case ids in both collections, sorted; any unmatched id is an error.
+
+    Raises:
+        SPEError: naming the cases found in one collection but not the other.
+    """
+    only_first = set(first) - set(second)
+    only_second = set(second) - set(first)
+    if only_first or only_second:
+        parts = []
+        if only_first:
+            parts.append(
+                f"{len(only_first)} case(s) in {first_name} have no match in "
+                f"{second_name}: {describe_names(only_first)}"
+            )
+        if only_second:
+            parts.append(
+                f"{len(only_second)} case(s) in {second_name} have no match in "
+                f"{first_name}: {describe_names(only_second)}"
+            )
+        message = "; ".join(parts) + "; case ids are file names without extension"
+        raise SPEError(message)
+    return sorted(first)
+
+
+@dataclass(frozen=True)
+class LabeledFolder:
+    """A folder with ``images/`` and ``labels/`` whose cases match one to one."""
+
+    root: Path
+    case_ids: list[str]
+    images: dict[str, Path]
+    labels: dict[str, Path]
+
+
+def open_labeled_folder(
+    root: Path | str, *, labels_name: str = "labels"
+) -> LabeledFolder:
+    """Pair ``root/images`` with ``root/labels`` (or another labels folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SPEError(f"{root}: no such folder; check the path")
+    images = list_cases(root / "images", strip_channel_suffix=True)
+    labels = list_cases(root / labels_name)
+    case_ids = match_cases(
+        images,
+        labels,
+        first_name=str(root / "images"),
+        second_name=str(root / labels_name),
+    )
+    return LabeledFolder(root=root, case_ids=case_ids, images=images, labels=labels)
+
+
+def check_same_shape(
+    mask: LoadedImage, other: LoadedImage, *, what: str = "its ground truth"
+) -> None:
+    """Raise SPEError unless two arrays have the same spatial shape."""
+    if mask.spatial_shape != other.spatial_shape:
+        message = (
+            f"{mask.path}: shape {mask.spatial_shape} differs from {what} "
+            f"{other.path} {other.spatial_shape}; resample it to the same grid"
+        )
+        raise SPEError(message)
