@@ -7,6 +7,7 @@ class, the mean over classes, and the cases that needed a convention.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ def score_folders(
         truth = io.read_mask(label_files[case_id])
         if case_spacing is not None:
             case_spacing = io.expand_spacing(tuple(case_spacing), truth.array.ndim)
-            truth = io.read_mask(label_files[case_id], spacing=case_spacing)
+            truth = dataclasses.replace(truth, spacing=case_spacing)
         prediction = io.read_mask(prediction_files[case_id], spacing=truth.spacing)
         io.check_same_shape(prediction, truth)
         pairs.append((case_id, prediction, truth))

@@ -8,6 +8,7 @@ this package; UniverSeg needs its official weights file.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from spe.errors import SPEError
@@ -36,4 +37,32 @@ def create(name: str, **options: Any) -> InContextSegmenter:
     return segmenter_class(**options)
 
 
-__all__ = ["SEGMENTER_NAMES", "InContextSegmenter", "PreparedImages", "create"]
+def create_from_record(
+    name: str, settings: dict[str, Any], **runtime: Any
+) -> InContextSegmenter:
+    """A segmenter rebuilt from recorded ``settings()`` plus run-time options.
+
+    Recorded keys that are not constructor options (such as a weights
+    checksum) are left out; the segmenter recomputes them, and a calibration
+    check compares them afterwards. Lists become tuples (JSON has no tuples).
+    """
+    if name not in _REGISTRY:
+        create(name)  # raises the error naming the known segmenters
+    module_name, class_name = _REGISTRY[name]
+    segmenter_class = getattr(importlib.import_module(module_name), class_name)
+    accepted = inspect.signature(segmenter_class.__init__).parameters
+    options = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in settings.items()
+        if key in accepted
+    }
+    return segmenter_class(**options | runtime)
+
+
+__all__ = [
+    "SEGMENTER_NAMES",
+    "InContextSegmenter",
+    "PreparedImages",
+    "create",
+    "create_from_record",
+]

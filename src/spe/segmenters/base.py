@@ -183,7 +183,8 @@ class InContextSegmenter(abc.ABC):
             images: 2-D arrays (H, W) or colour arrays (H, W, 3), any sizes.
         """
         sizes = [tuple(np.asarray(image).shape[:2]) for image in images]
-        return PreparedImages(pixels=resize_images(images, self.image_size), sizes=sizes)
+        pixels = resize_images(images, self.image_size)
+        return PreparedImages(pixels=pixels, sizes=sizes)
 
     def prepare_masks(self, masks: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, 1, H, W) float32 masks at the working resolution, values in [0, 1]."""
@@ -199,6 +200,9 @@ class InContextSegmenter(abc.ABC):
         queries: PreparedImages,
     ) -> torch.Tensor:
         """Foreground probabilities of each query given the whole support set.
+
+        Callers do not wrap this in ``torch.inference_mode``: a segmenter that
+        optimises (registration) needs autograd, so each one chooses its mode.
 
         Args:
             support: S prepared support images.

@@ -1,0 +1,207 @@
+"""Sets of cases in memory: images, masks and spacing, checked against each other.
+
+A *case* is one 2-D image or 3-D volume with its spacing and, when known, a
+mask (ground truth or a model's prediction). The pipeline reads whole folders
+once into :class:`CaseSet` objects and hands arrays to the steps after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from spe import io
+from spe.errors import SPEError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    """One image with its spacing and, when known, a mask.
+
+    Attributes:
+        case_id: the file name without extension.
+        image: (H, W), (H, W, C) or (Z, Y, X) array as stored.
+        spacing: pixel or voxel size per spatial axis, array order (mm).
+        mask: integer label map of the image's spatial shape, or None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    spacing: tuple[float, ...]
+    mask: np.ndarray | None = None
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[: len(self.spacing)])
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.spacing) == 3
+
+
+@dataclass
+class CaseSet:
+    """Cases in case-id order, with where they came from."""
+
+    cases: list[Case]
+    source: str
+    fingerprint: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [case.case_id for case in self.cases]
+
+    @property
+    def is_volume(self) -> bool:
+        return bool(self.cases) and self.cases[0].is_volume
+
+    def with_masks(self, masks: dict[str, np.ndarray], source: str) -> CaseSet:
+        """The same images with other masks (a model's predictions)."""
+        cases = [
+            Case(case.case_id, case.image, case.spacing, masks[case.case_id])
+            for case in self.cases
+        ]
+        return CaseSet(cases=cases, source=source)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint_files(files: Sequence[tuple[str, Path]]) -> str:
+    """A short hash of case ids and file contents: the identity of a data set."""
+    digest = hashlib.sha256()
+    for case_id, path in sorted(files):
+        digest.update(case_id.encode("utf-8"))
+        digest.update(_file_digest(path).encode("ascii"))
+    return digest.hexdigest()[:16]
+
+
+def _check_dimensions(cases: Sequence[Case], source: str) -> None:
+    """All 2-D or all 3-D: a mixed folder is almost always a mistake."""
+    kinds = {len(case.spacing) for case in cases}
+    if len(kinds) > 1:
+        message = (
+            f"{source}: mixes 2-D images and 3-D volumes; keep one kind per folder"
+        )
+        raise SPEError(message)
+
+
+def load_labeled(
+    root: Path | str,
+    *,
+    labels_name: str = "labels",
+    spacing_table: dict[str, tuple[float, ...]] | None = None,
+    progress: bool = False,
+) -> CaseSet:
+    """Read ``root/images`` and ``root/labels`` into memory, matched by case id.
+
+    Raises:
+        SPEError: unmatched cases, unreadable files, or a label whose shape
+            differs from its image.
+    """
+    folder = io.open_labeled_folder(root, labels_name=labels_name)
+    cases = []
+    for case_id in tqdm(
+        folder.case_ids,
+        desc=f"reading {Path(root).name}",
+        disable=not progress,
+        leave=False,
+    ):
+        spacing = _table_spacing(spacing_table, case_id)
+        image = _read_image_with_spacing(folder.images[case_id], spacing)
+        label = io.read_mask(folder.labels[case_id], spacing=image.spacing)
+        io.check_same_shape(label, image, what="its image")
+        cases.append(Case(case_id, image.array, image.spacing, label.array))
+    _check_dimensions(cases, str(root))
+
+    files = [(i, folder.images[i]) for i in folder.case_ids]
+    files += [(f"{i}/label", folder.labels[i]) for i in folder.case_ids]
+    return CaseSet(
+        cases=cases,
+        source=str(root),
+        fingerprint=fingerprint_files(files),
+        files=dict(folder.images),
+    )
+
+
+def load_images(
+    folder: Path | str,
+    *,
+    spacing_table: dict[str, tuple[float, ...]] | None = None,
+    progress: bool = False,
+) -> CaseSet:
+    """Read a folder of images (no masks) into memory."""
+    files = io.list_cases(folder, strip_channel_suffix=True)
+    cases = []
+    for case_id, path in tqdm(
+        files.items(),
+        desc=f"reading {Path(folder).name}",
+        disable=not progress,
+        leave=False,
+    ):
+        image = _read_image_with_spacing(path, _table_spacing(spacing_table, case_id))
+        cases.append(Case(case_id, image.array, image.spacing))
+    _check_dimensions(cases, str(folder))
+    return CaseSet(cases=cases, source=str(folder), files=files)
+
+
+def read_predictions(folder: Path | str, images: CaseSet) -> dict[str, np.ndarray]:
+    """A model's predicted masks for every case of ``images``, shape-checked.
+
+    Raises:
+        SPEError: a case without a prediction (or a prediction without an
+            image), or a prediction whose shape differs from its image.
+    """
+    files = io.list_cases(folder)
+    io.match_cases(
+        {case.case_id: Path(case.case_id) for case in images.cases},
+        files,
+        first_name=images.source,
+        second_name=str(folder),
+    )
+    masks = {}
+    for case in images.cases:
+        prediction = io.read_mask(files[case.case_id])
+        if prediction.spatial_shape != case.spatial_shape:
+            message = (
+                f"{prediction.path}: shape {prediction.spatial_shape} differs from "
+                f"its image's {case.spatial_shape}; predict at the image's size"
+            )
+            raise SPEError(message)
+        masks[case.case_id] = prediction.array
+    return masks
+
+
+def _table_spacing(
+    table: dict[str, tuple[float, ...]] | None, case_id: str
+) -> tuple[float, ...] | None:
+    if table is None:
+        return None
+    if case_id not in table:
+        raise SPEError(f"case {case_id!r} has no row in the spacing table; add one")
+    return table[case_id]
+
+
+def _read_image_with_spacing(
+    path: Path, spacing: tuple[float, ...] | None
+) -> io.LoadedImage:
+    image = io.read_image(path)
+    if spacing is None:
+        return image
+    return dataclasses.replace(
+        image, spacing=io.expand_spacing(spacing, len(image.spacing))
+    )

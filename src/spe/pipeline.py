@@ -1,0 +1,340 @@
+"""The method end to end: pseudo metrics, real metrics, calibrate, estimate.
+
+A result for one set of predictions is a map from class key to metric to
+value. Class keys are "1" for a binary task, else the labels as strings,
+plus "mean" (the mean over classes) when there are several classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spe.calibration import Calibration, apply_map
+from spe.cases import CaseSet
+from spe.errors import SPEError
+from spe.metrics import find_classes, summarize_class
+from spe.reverse import ReferenceSet, prepare_reference, pseudo_metrics
+from spe.scoring import score_case
+from spe.segmenters import InContextSegmenter
+from spe.support import select_support, slice_axis_for
+
+logger = logging.getLogger(__name__)
+
+# The six metrics of the published protocol.
+PIPELINE_METRICS = ("dice", "jaccard", "precision", "recall", "pearson", "hd95")
+
+ClassScores = dict[str, dict[str, float]]
+
+
+@dataclass
+class Settings:
+    """Settings of the reverse step; a calibration is valid only for its own.
+
+    Attributes:
+        min_area: least predicted foreground pixels of a support candidate.
+        max_support: most support pairs per class.
+        repetitions: random support draws averaged per result.
+        threshold: binarisation threshold of reverse probabilities.
+        max_references: most reference cases segmented (None: all).
+        seed: seeds every random draw.
+        hd95: HD95 variant, "max" or "union".
+        slice_axis: slice axis for volumes (None: the largest spacing).
+    """
+
+    min_area: int = 10
+    max_support: int = 64
+    repetitions: int = 1
+    threshold: float = 0.5
+    max_references: int | None = None
+    seed: int = 0
+    hd95: str = "max"
+    slice_axis: int | None = None
+
+    def validate(self) -> Settings:
+        if self.min_area < 0:
+            raise SPEError(f"--min-area {self.min_area}: must be 0 or more pixels")
+        if self.max_support < 1:
+            raise SPEError(f"--max-support {self.max_support}: must be at least 1")
+        if self.repetitions < 1:
+            raise SPEError(f"--repetitions {self.repetitions}: must be at least 1")
+        if not 0 < self.threshold < 1:
+            raise SPEError(f"--threshold {self.threshold}: must be between 0 and 1")
+        if self.max_references is not None and self.max_references < 1:
+            raise SPEError(
+                f"--max-references {self.max_references}: must be at least 1"
+            )
+        if self.slice_axis is not None and self.slice_axis not in (0, 1, 2):
+            raise SPEError(f"--slice-axis {self.slice_axis}: must be 0, 1 or 2")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def axis_for(self, cases: CaseSet) -> int:
+        """The slice axis to use for a set of cases."""
+        if self.slice_axis is not None:
+            return self.slice_axis
+        return slice_axis_for(cases.cases[0].spacing) if cases.is_volume else 0
+
+
+def class_keys(classes: Sequence[int]) -> list[str]:
+    """["1"] for a binary task; ["1", "2", "mean"] for several classes."""
+    keys = [str(label) for label in classes]
+    return [*keys, "mean"] if len(keys) > 1 else keys
+
+
+def add_class_mean(scores: ClassScores, classes: Sequence[int]) -> ClassScores:
+    """Add the "mean" key (mean over classes) when there are several classes."""
+    if len(classes) > 1:
+        labels = [str(label) for label in classes]
+        metrics = scores[labels[0]]
+        scores["mean"] = {
+            m: float(np.mean([scores[k][m] for k in labels])) for m in metrics
+        }
+    return scores
+
+
+@dataclass
+class PseudoResult:
+    """Pseudo metrics of one set of predictions, with how the support looked."""
+
+    scores: ClassScores
+    support: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def empty_support_classes(self) -> list[str]:
+        return [key for key, info in self.support.items() if info["n_support"] == 0]
+
+
+def compute_pseudo(
+    segmenter: InContextSegmenter,
+    reference: ReferenceSet,
+    target: CaseSet,
+    classes: Sequence[int],
+    settings: Settings,
+) -> PseudoResult:
+    """Pseudo metrics of a target set whose masks are the model's predictions.
+
+    One support set per class (and per repetition, averaged).
+    """
+    binary = list(classes) == [1]
+    axis = settings.axis_for(target)
+    scores: ClassScores = {}
+    support_info: dict[str, dict[str, Any]] = {}
+    for label in classes:
+        repetitions = []
+        for repetition in range(settings.repetitions):
+            support = select_support(
+                target,
+                label,
+                binary=binary,
+                min_area=settings.min_area,
+                max_support=settings.max_support,
+                seed=settings.seed,
+                repetition=repetition,
+                axis=axis,
+            )
+            result = pseudo_metrics(
+                segmenter,
+                reference,
+                support,
+                label,
+                binary=binary,
+                threshold=settings.threshold,
+                hd95=settings.hd95,
+            )
+            repetitions.append(result.mean)
+        scores[str(label)] = {
+            metric: float(np.mean([r[metric] for r in repetitions]))
+            for metric in PIPELINE_METRICS
+        }
+        support_info[str(label)] = {
+            "n_support": len(support),
+            "n_candidates": support.n_candidates,
+        }
+        if support.is_empty:
+            logger.warning(
+                "%s: no prediction of class %s has %d or more pixels; scoring an "
+                "empty segmentation",
+                target.source,
+                label,
+                settings.min_area,
+            )
+    return PseudoResult(scores=add_class_mean(scores, classes), support=support_info)
+
+
+def compute_real(
+    predictions: CaseSet, truth: CaseSet, classes: Sequence[int], *, hd95: str = "max"
+) -> ClassScores:
+    """Real metrics of predictions against ground truth, averaged over cases.
+
+    Both sets hold the same cases in the same order; masks are the prediction
+    and the ground truth respectively.
+    """
+    scored = [
+        score_case(p.case_id, p.mask, t.mask, classes, spacing=t.spacing, hd95=hd95)
+        for p, t in zip(predictions.cases, truth.cases, strict=True)
+    ]
+    scores: ClassScores = {}
+    for label in classes:
+        summary = summarize_class(
+            [case.scores[label] for case in scored],
+            [case.diagonal_mm for case in scored],
+        )
+        scores[str(label)] = {m: summary.mean[m] for m in PIPELINE_METRICS}
+    return add_class_mean(scores, classes)
+
+
+def resolve_classes(reference: CaseSet, classes: Sequence[int] | None) -> list[int]:
+    """The classes to estimate: given, or found in the reference labels."""
+    if classes is not None:
+        return list(classes)
+    return find_classes(case.mask for case in reference.cases)
+
+
+def reference_record(reference: CaseSet) -> dict[str, Any]:
+    """What a calibration records of its reference set."""
+    return {
+        "fingerprint": reference.fingerprint,
+        "n_cases": len(reference),
+        "source": reference.source,
+    }
+
+
+def segmenter_record(segmenter: InContextSegmenter) -> dict[str, Any]:
+    return {"name": segmenter.name, "settings": segmenter.settings()}
+
+
+# ---------------------------------------------------------------------------
+# Calibrate and estimate
+
+
+def calibrate(
+    segmenter: InContextSegmenter,
+    reference: CaseSet,
+    calibration_set: CaseSet,
+    predictions: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    settings: Settings,
+    classes: Sequence[int] | None = None,
+    progress: Any = None,
+) -> Calibration:
+    """Fit G on a labeled calibration set predicted by several models.
+
+    Args:
+        reference: labeled reference cases.
+        calibration_set: labeled cases (masks are the ground truth).
+        predictions: checkpoint or model name -> case id -> predicted mask.
+        progress: optional callable wrapping an iterable (a progress bar).
+    """
+    settings.validate()
+    classes = resolve_classes(reference, classes)
+    prepared = prepare_reference(
+        segmenter,
+        reference,
+        max_references=settings.max_references,
+        seed=settings.seed,
+        axis=settings.axis_for(reference),
+    )
+
+    names = list(predictions)
+    pseudo, real = [], []
+    iterator = progress(names) if progress else names
+    for name in iterator:
+        predicted = calibration_set.with_masks(dict(predictions[name]), source=name)
+        pseudo.append(
+            compute_pseudo(segmenter, prepared, predicted, classes, settings).scores
+        )
+        real.append(
+            compute_real(predicted, calibration_set, classes, hd95=settings.hd95)
+        )
+
+    return Calibration.fit(
+        pseudo,
+        real,
+        names,
+        metrics=PIPELINE_METRICS,
+        segmenter=segmenter_record(segmenter),
+        settings=settings.as_dict() | {"classes": list(classes)},
+        reference=reference_record(reference),
+    )
+
+
+def settings_from_calibration(calibration: Calibration) -> tuple[Settings, list[int]]:
+    """The pipeline settings and classes a calibration was made with."""
+    stored = dict(calibration.settings)
+    classes = [int(label) for label in stored.pop("classes")]
+    known = set(Settings.__dataclass_fields__)
+    return Settings(**{k: v for k, v in stored.items() if k in known}), classes
+
+
+@dataclass
+class DatasetEstimate:
+    """Estimates for one set of predictions: class -> metric -> Estimate."""
+
+    estimates: dict[str, dict[str, Any]]
+    pseudo: PseudoResult
+    warnings: list[str]
+
+
+def estimate(
+    segmenter: InContextSegmenter,
+    calibration: Calibration,
+    reference: CaseSet | ReferenceSet,
+    target: CaseSet,
+    *,
+    coverage: float = 0.9,
+) -> DatasetEstimate:
+    """Estimate the metrics of a model's predictions (``target`` masks).
+
+    Raises:
+        SPEError: the segmenter or the reference set differs from the
+            calibration's.
+    """
+    if not 0 < coverage < 1:
+        raise SPEError(f"--coverage {coverage}: must be between 0 and 1 (e.g. 0.9)")
+    settings, classes = settings_from_calibration(calibration)
+    if isinstance(reference, CaseSet):
+        calibration.check_compatible(
+            segmenter=segmenter_record(segmenter),
+            reference_fingerprint=reference.fingerprint,
+        )
+        reference = prepare_reference(
+            segmenter,
+            reference,
+            max_references=settings.max_references,
+            seed=settings.seed,
+            axis=settings.axis_for(reference),
+        )
+
+    pseudo = compute_pseudo(segmenter, reference, target, classes, settings)
+    estimates: dict[str, dict[str, Any]] = {}
+    warnings = []
+    for key in calibration.classes:
+        estimates[key] = {}
+        for metric in calibration.metrics:
+            value = pseudo.scores[key][metric]
+            result = apply_map(
+                calibration.dataset_level[key][metric], metric, value, coverage=coverage
+            )
+            estimates[key][metric] = result.as_dict()
+            if not result.in_calibrated_range:
+                linear = calibration.dataset_level[key][metric]
+                warnings.append(
+                    f"class {key} {metric}: pseudo value {value:.4g} is outside the "
+                    f"calibrated range [{linear.pseudo_min:.4g}, "
+                    f"{linear.pseudo_max:.4g}]; the estimate extrapolates"
+                )
+    for key in pseudo.empty_support_classes:
+        warnings.append(
+            f"class {key}: the model predicted no region of {settings.min_area} or "
+            f"more pixels; the estimate is that of an empty segmentation"
+        )
+    for message in warnings:
+        logger.warning(message)
+    return DatasetEstimate(estimates=estimates, pseudo=pseudo, warnings=warnings)

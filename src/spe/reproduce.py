@@ -1,0 +1,450 @@
+"""The published protocol end to end on a labeled dataset folder.
+
+Given ``train/``, ``test/`` and ``extra_test/`` (each with ``images/`` and
+``labels/``): train a UNet on part of train, keep checkpoints along training
+and choose ``n_checkpoints`` spread over validation Dice; predict test and
+extra_test with each; compute real and pseudo metrics; fit G on test; score
+the estimates on extra_test over the checkpoints (Pearson r and MAE), next
+to the baselines.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spe.calibration import Calibration, LinearMap, apply_map, clip_metric
+from spe.cases import CaseSet, load_labeled
+from spe.errors import SPEError
+from spe.evaluation import foreground_fraction, interval_coverage, score_estimator
+from spe.metrics import find_classes
+from spe.pipeline import (
+    PIPELINE_METRICS,
+    Settings,
+    class_keys,
+    compute_pseudo,
+    compute_real,
+    reference_record,
+    segmenter_record,
+)
+from spe.reverse import prepare_reference
+from spe.segmenters import InContextSegmenter
+from spe.unet import TrainingSettings, predict, train_unet
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test", "extra_test")
+
+
+@dataclass
+class ReproduceSettings:
+    """Settings of a protocol run beyond the reverse step's.
+
+    Attributes:
+        n_checkpoints: checkpoints chosen, spread over validation Dice.
+        validation_fraction: share of train held out to score checkpoints.
+        coverage: coverage of the prediction intervals.
+        labels_name: the labels folder of each split (``labels_multiclass``
+            for JSRT's lungs and heart).
+    """
+
+    n_checkpoints: int = 20
+    validation_fraction: float = 0.2
+    coverage: float = 0.9
+    labels_name: str = "labels"
+
+
+@dataclass
+class DatasetSplits:
+    """The labeled splits of a dataset, with train divided for validation."""
+
+    name: str
+    fit: CaseSet
+    validation: CaseSet
+    test: CaseSet
+    extra_test: CaseSet
+    classes: list[int]
+
+
+def load_dataset(
+    root: Path | str, *, labels_name: str, validation_fraction: float, seed: int
+) -> DatasetSplits:
+    """Read the three splits and hold out part of train for validation."""
+    root = Path(root)
+    missing = [split for split in SPLITS if not (root / split).is_dir()]
+    if missing:
+        message = (
+            f"{root}: missing {', '.join(missing)}; a dataset folder holds train/, "
+            f"test/ and extra_test/, each with images/ and {labels_name}/"
+        )
+        raise SPEError(message)
+    train, test, extra_test = (
+        load_labeled(root / split, labels_name=labels_name) for split in SPLITS
+    )
+    if not 0 < validation_fraction < 1:
+        message = f"validation fraction {validation_fraction} must be between 0 and 1"
+        raise SPEError(message)
+    n_validation = max(1, round(validation_fraction * len(train)))
+    if len(train) - n_validation < 2:
+        raise SPEError(
+            f"{root / 'train'}: needs at least 3 cases to train and validate"
+        )
+
+    rng = np.random.default_rng([seed, 104729])
+    order = rng.permutation(len(train))
+    held_out = set(order[:n_validation].tolist())
+    fit = CaseSet(
+        cases=[c for i, c in enumerate(train.cases) if i not in held_out],
+        source=str(root / "train"),
+    )
+    fit.fingerprint = f"{train.fingerprint}-fit{seed}"
+    validation = CaseSet(
+        cases=[c for i, c in enumerate(train.cases) if i in held_out],
+        source=f"{root / 'train'} (validation)",
+    )
+    classes = find_classes(case.mask for case in train.cases)
+    return DatasetSplits(root.name, fit, validation, test, extra_test, classes)
+
+
+def choose_checkpoints(validation_dice: Sequence[float], n: int) -> list[int]:
+    """Indices of ``n`` checkpoints spread evenly over validation Dice.
+
+    As in the published protocol: sort by validation score and keep evenly
+    spaced ranks, so bad, middling and good models are all represented.
+    """
+    order = np.argsort(np.asarray(validation_dice), kind="stable")
+    if len(order) <= n:
+        return sorted(order.tolist())
+    ranks = np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))
+    return sorted(order[ranks].tolist())
+
+
+@dataclass
+class CheckpointRecord:
+    """Everything measured for one checkpoint."""
+
+    name: str
+    step: int
+    validation: dict[str, dict[str, float]]
+    real: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    pseudo: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    area: dict[str, dict[str, float]] = field(default_factory=dict)
+    predictions: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict, repr=False
+    )
+
+
+def reproduce(
+    dataset_root: Path | str,
+    segmenter: InContextSegmenter,
+    *,
+    settings: Settings,
+    training: TrainingSettings,
+    protocol: ReproduceSettings,
+    progress: Callable | None = None,
+    extra_steps: Sequence[Callable[..., dict[str, Any]]] = (),
+) -> dict[str, Any]:
+    """Run the protocol; returns the JSON-ready results (see ``results.json``).
+
+    Args:
+        progress: wraps an iterable with a progress bar, or None.
+        extra_steps: callables ``step(context) -> {key: value}`` run after the
+            dataset-level evaluation, whose results are added to the output
+            (per-image evaluation hooks in here).
+    """
+    settings.validate()
+    wrap = progress or (lambda items, **_: items)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # 1. Data and the model's checkpoints.
+    clock = time.perf_counter()
+    data = load_dataset(
+        dataset_root,
+        labels_name=protocol.labels_name,
+        validation_fraction=protocol.validation_fraction,
+        seed=settings.seed,
+    )
+    axis = settings.axis_for(data.fit)
+    keys = class_keys(data.classes)
+    timings["load"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    model = train_unet(
+        data.fit,
+        data.classes,
+        training,
+        axis=axis,
+        progress=lambda items: wrap(items, desc="training UNet"),
+    )
+    timings["train"] = time.perf_counter() - clock
+
+    # 2. Validation scores of every saved checkpoint; keep n spread over Dice.
+    clock = time.perf_counter()
+    validation = []
+    for index in wrap(range(len(model.checkpoints)), desc="validating checkpoints"):
+        predicted = data.validation.with_masks(
+            predict(model, index, data.validation), "validation"
+        )
+        validation.append(
+            compute_real(predicted, data.validation, data.classes, hd95=settings.hd95)
+        )
+    main_key = keys[-1]
+    chosen = choose_checkpoints(
+        [v[main_key]["dice"] for v in validation], protocol.n_checkpoints
+    )
+    if len(chosen) < 3:
+        raise SPEError("fewer than 3 checkpoints were saved; train for more epochs")
+    timings["validate"] = time.perf_counter() - clock
+
+    # 3. Real and pseudo metrics of every chosen checkpoint on both sets.
+    clock = time.perf_counter()
+    reference = prepare_reference(
+        segmenter,
+        data.fit,
+        max_references=settings.max_references,
+        seed=settings.seed,
+        axis=axis,
+    )
+    timings["prepare_reference"] = time.perf_counter() - clock
+
+    records = []
+    pseudo_seconds = 0.0
+    for index in wrap(chosen, desc="checkpoints"):
+        record = CheckpointRecord(
+            name=f"step{model.steps[index]}",
+            step=model.steps[index],
+            validation=validation[index],
+        )
+        for split, truth in (("test", data.test), ("extra_test", data.extra_test)):
+            predicted = truth.with_masks(predict(model, index, truth), split)
+            record.predictions[split] = {c.case_id: c.mask for c in predicted.cases}
+            record.real[split] = compute_real(
+                predicted, truth, data.classes, hd95=settings.hd95
+            )
+            clock = time.perf_counter()
+            record.pseudo[split] = compute_pseudo(
+                segmenter, reference, predicted, data.classes, settings
+            ).scores
+            pseudo_seconds += time.perf_counter() - clock
+            record.area[split] = foreground_fraction(predicted, data.classes)
+        records.append(record)
+    timings["pseudo"] = pseudo_seconds
+
+    # 4. Fit G on test; estimate extra_test; score against the real values.
+    calibration = Calibration.fit(
+        [r.pseudo["test"] for r in records],
+        [r.real["test"] for r in records],
+        [r.name for r in records],
+        metrics=PIPELINE_METRICS,
+        segmenter=segmenter_record(segmenter),
+        settings=settings.as_dict() | {"classes": data.classes},
+        reference=reference_record(data.fit),
+    )
+    evaluation = evaluate_dataset_level(records, calibration, keys, protocol.coverage)
+
+    results: dict[str, Any] = {
+        "dataset": data.name,
+        "segmenter": segmenter.name,
+        "segmenter_settings": segmenter.settings(),
+        "classes": [str(c) for c in data.classes],
+        "dataset_level": evaluation["per_class"][main_key],
+        "dataset_level_per_class": evaluation["per_class"],
+        "baselines": evaluation["baselines"],
+        "coverage": evaluation["coverage"],
+        "checkpoints": evaluation["table"],
+        "settings": settings.as_dict(),
+        "training": asdict(training),
+        "protocol": asdict(protocol),
+        "n_cases": {
+            "reference": len(reference.cases),
+            "validation": len(data.validation),
+            "test": len(data.test),
+            "extra_test": len(data.extra_test),
+        },
+    }
+    context = {
+        "data": data,
+        "model": model,
+        "records": records,
+        "reference": reference,
+        "segmenter": segmenter,
+        "settings": settings,
+        "protocol": protocol,
+        "calibration": calibration,
+        "keys": keys,
+        "wrap": wrap,
+        "timings": timings,
+    }
+    for step in extra_steps:
+        results |= step(context)
+
+    timings["total"] = time.perf_counter() - started
+    results["seconds"] = timings["total"]
+    results["timings"] = timings
+    results["calibration"] = calibration.to_dict()
+    return results
+
+
+def evaluate_dataset_level(
+    records: Sequence[CheckpointRecord],
+    calibration: Calibration,
+    keys: Sequence[str],
+    coverage: float,
+) -> dict[str, Any]:
+    """Scores of the method and the baselines on extra_test, and the table."""
+    per_class: dict[str, dict[str, Any]] = {}
+    baselines: dict[str, dict[str, Any]] = {"training_score": {}, "prediction_area": {}}
+    covered: dict[str, float] = {}
+    table = [
+        {"name": r.name, "step": r.step, "validation": r.validation} for r in records
+    ]
+    main_key = keys[-1]
+    for key in keys:
+        per_class[key] = {}
+        for metric in PIPELINE_METRICS:
+            linear = calibration.dataset_level[key][metric]
+            real = [r.real["extra_test"][key][metric] for r in records]
+            estimates = [
+                apply_map(
+                    linear,
+                    metric,
+                    r.pseudo["extra_test"][key][metric],
+                    coverage=coverage,
+                )
+                for r in records
+            ]
+            per_class[key][metric] = score_estimator(
+                [e.estimate for e in estimates], real
+            ) | {"n_checkpoints": len(records)}
+            hit = interval_coverage(
+                [e.low for e in estimates], [e.high for e in estimates], real
+            )
+            per_class[key][metric]["coverage"] = hit
+
+            area_line = LinearMap.fit(
+                [r.area["test"][key] for r in records],
+                [r.real["test"][key][metric] for r in records],
+            )
+            area_estimates = [
+                clip_metric(metric, area_line.predict(r.area["extra_test"][key]))
+                for r in records
+            ]
+            training = [r.validation[key][metric] for r in records]
+            if key == main_key:
+                baselines["prediction_area"][metric] = score_estimator(
+                    area_estimates, real
+                )
+                baselines["training_score"][metric] = score_estimator(training, real)
+                covered[metric] = hit
+            for row, record, est, area_est in zip(
+                table, records, estimates, area_estimates, strict=True
+            ):
+                row.setdefault("classes", {}).setdefault(key, {})[metric] = {
+                    "test_real": record.real["test"][key][metric],
+                    "test_pseudo": record.pseudo["test"][key][metric],
+                    "extra_test_real": record.real["extra_test"][key][metric],
+                    "extra_test_pseudo": record.pseudo["extra_test"][key][metric],
+                    "estimate": est.estimate,
+                    "low": est.low,
+                    "high": est.high,
+                    "training_score": record.validation[key][metric],
+                    "prediction_area": area_est,
+                }
+    return {
+        "per_class": per_class,
+        "baselines": baselines,
+        "coverage": covered,
+        "table": table,
+    }
+
+
+CSV_COLUMNS = (
+    "checkpoint",
+    "step",
+    "class",
+    "metric",
+    "test_real",
+    "test_pseudo",
+    "extra_test_real",
+    "extra_test_pseudo",
+    "estimate",
+    "low",
+    "high",
+    "training_score",
+    "prediction_area",
+)
+
+
+def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per checkpoint, class and metric, for ``results.csv``."""
+    rows = []
+    for row in results["checkpoints"]:
+        for key, metrics in row["classes"].items():
+            for metric, values in metrics.items():
+                rows.append(
+                    {
+                        "checkpoint": row["name"],
+                        "step": row["step"],
+                        "class": key,
+                        "metric": metric,
+                    }
+                    | values
+                )
+    return rows
+
+
+def plot_scatter(results: dict[str, Any], folder: Path) -> list[Path]:
+    """One PNG per metric: real against pseudo, test and extra_test, with G."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spe.outputs import write_bytes_atomic
+
+    paths = []
+    keys = list(results["checkpoints"][0]["classes"])
+    calibration = results["calibration"]["dataset_level"]
+    for metric in PIPELINE_METRICS:
+        figure, axes = plt.subplots(
+            1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False
+        )
+        for axis, key in zip(axes[0], keys, strict=True):
+            values = [row["classes"][key][metric] for row in results["checkpoints"]]
+            for split, colour in (("test", "tab:blue"), ("extra_test", "tab:orange")):
+                axis.scatter(
+                    [v[f"{split}_pseudo"] for v in values],
+                    [v[f"{split}_real"] for v in values],
+                    s=18,
+                    color=colour,
+                    label=split,
+                )
+            line = calibration[key][metric]
+            xs = np.linspace(line["pseudo_min"], line["pseudo_max"], 20)
+            axis.plot(
+                xs,
+                line["slope"] * xs + line["intercept"],
+                color="black",
+                lw=1,
+                label="G (fitted on test)",
+            )
+            axis.set_xlabel(f"pseudo {metric}")
+            axis.set_ylabel(f"real {metric}")
+            axis.set_title(f"{results['dataset']} class {key}")
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        plt.close(figure)
+        paths.append(
+            write_bytes_atomic(folder / f"scatter_{metric}.png", buffer.getvalue())
+        )
+    return paths
