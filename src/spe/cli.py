@@ -311,6 +311,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         predictions,
         settings=settings,
         classes=parse_classes(args.classes),
+        per_image=per_image_settings(args) if args.per_image else None,
         progress=lambda items: progress_bar(args)(items, desc="models"),
     )
     calibration.save(args.out)
@@ -376,6 +377,7 @@ def add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--classes", help="class labels, e.g. 1,2 (default: found)")
     add_segmenter_options(parser)
     add_pipeline_options(parser)
+    add_per_image_options(parser)
     parser.set_defaults(handler=run_calibrate)
 
 
@@ -383,36 +385,77 @@ def add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
 # spe estimate
 
 
-def run_estimate(args: argparse.Namespace) -> int:
+def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
+    """Load everything ``spe estimate`` and ``spe evaluate`` need and estimate.
+
+    Returns:
+        (the target cases with predictions as masks, the ground truth cases
+        or None, the DatasetEstimate, the segmenter).
+    """
     from spe.calibration import Calibration
     from spe.cases import load_images, load_labeled, read_predictions
-    from spe.outputs import dumps_json, write_json_atomic
     from spe.pipeline import estimate
 
     calibration = Calibration.load(args.calibration)
     segmenter = make_segmenter(args, record=calibration.segmenter)
     print(f"segmenter: {segmenter.name}", file=sys.stderr)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
-    target = load_images(args.images)
+    truth = None
+    if labeled:
+        truth = load_labeled(args.target, labels_name=args.labels_name)
+        target = truth
+    else:
+        target = load_images(args.images)
     target = target.with_masks(
         read_predictions(args.predictions, target), "predictions"
     )
-    result = estimate(segmenter, calibration, reference, target, coverage=args.coverage)
+    result = estimate(
+        segmenter,
+        calibration,
+        reference,
+        target,
+        coverage=args.coverage,
+        flag_metric=args.flag_metric,
+        flag_threshold=args.flag_threshold,
+        progress=lambda items: progress_bar(args)(items, desc="per-image"),
+    )
+    return target, truth, result, segmenter
 
-    output = {
+
+def estimate_output(args, target, result, segmenter) -> dict:
+    """The content of ``estimate.json``."""
+    flagged = [row for row in result.per_case if row["flag"] == "below"]
+    uncertain = [row for row in result.per_case if row["flag"] == "uncertain"]
+    return {
         "segmenter": segmenter.name,
         "calibration": str(args.calibration),
         "n_cases": len(target),
         "coverage": args.coverage,
-        "classes": calibration.classes,
         "estimates": result.estimates,
         "support": result.pseudo.support,
         "warnings": result.warnings,
+        "per_case": {
+            "available": bool(result.per_case),
+            "flag_metric": args.flag_metric,
+            "flag_threshold": args.flag_threshold,
+            "n_flagged": len(flagged),
+            "flagged": [f"{row['case_id']} (class {row['class']})" for row in flagged],
+            "n_uncertain": len(uncertain),
+        },
     }
-    write_json_atomic(args.out / "estimate.json", output)
-    if args.json:
-        sys.stdout.write(dumps_json(output))
-        return 0
+
+
+def write_estimate_files(args, output: dict, result) -> None:
+    from spe.outputs import ensure_folder, write_csv_atomic, write_json_atomic
+    from spe.per_image import PER_CASE_COLUMNS
+
+    out = ensure_folder(args.out)
+    if result.per_case:
+        write_csv_atomic(out / "per_case.csv", result.per_case, PER_CASE_COLUMNS)
+    write_json_atomic(out / "estimate.json", output)
+
+
+def print_estimates(output: dict) -> None:
     rows = [
         [
             key,
@@ -422,27 +465,112 @@ def run_estimate(args: argparse.Namespace) -> int:
             values["pseudo"],
             "yes" if values["in_calibrated_range"] else "NO",
         ]
-        for key, metrics in result.estimates.items()
+        for key, metrics in output["estimates"].items()
         for metric, values in metrics.items()
     ]
-    print(f"{len(target)} cases; {round(100 * args.coverage)}% prediction intervals")
+    print(
+        f"{output['n_cases']} cases; {round(100 * output['coverage'])}% "
+        f"prediction intervals"
+    )
     print(
         format_table(
             ["class", "metric", "estimate", "interval", "pseudo", "in range"], rows
         )
     )
+    per_case = output["per_case"]
+    if per_case["available"]:
+        names = per_case["flagged"]
+        shown = ", ".join(names[:10]) + (
+            f" and {len(names) - 10} more" if len(names) > 10 else ""
+        )
+        print(
+            f"{per_case['n_flagged']} case(s) with estimated {per_case['flag_metric']} "
+            f"below {per_case['flag_threshold']}: {shown or 'none'}; "
+            f"{per_case['n_uncertain']} more uncertain (see per_case.csv)"
+        )
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from spe.outputs import dumps_json
+
+    target, _, result, segmenter = estimate_from_args(args)
+    output = estimate_output(args, target, result, segmenter)
+    write_estimate_files(args, output, result)
+    if args.json:
+        sys.stdout.write(dumps_json(output))
+    else:
+        print_estimates(output)
     return 0
 
 
-def add_estimate_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "estimate",
-        help="estimate metrics of predictions on unlabeled images",
-        description=(
-            "Estimate Dice, Jaccard, precision, recall, pixel Pearson and HD95 of a "
-            "model's predictions without labels, with prediction intervals."
-        ),
+def run_evaluate(args: argparse.Namespace) -> int:
+    from spe.calibration import Calibration
+    from spe.outputs import dumps_json, write_json_atomic
+    from spe.per_image import evaluate_per_image, real_per_case
+    from spe.pipeline import compute_real, settings_from_calibration
+
+    target, truth, result, segmenter = estimate_from_args(args, labeled=True)
+    settings, classes = settings_from_calibration(Calibration.load(args.calibration))
+    real = compute_real(target, truth, classes, hd95=settings.hd95)
+    output = estimate_output(args, target, result, segmenter)
+    dataset_level = {}
+    for key, metrics in result.estimates.items():
+        dataset_level[key] = {
+            metric: values
+            | {
+                "real": real[key][metric],
+                "error": values["estimate"] - real[key][metric],
+                "inside_interval": values["low"] <= real[key][metric] <= values["high"],
+            }
+            for metric, values in metrics.items()
+        }
+    output["dataset_level"] = dataset_level
+    if result.per_case:
+        per_case_real = real_per_case(target, truth, classes, hd95=settings.hd95)
+        output["per_image"] = evaluate_per_image(result.per_case, per_case_real)
+    write_estimate_files(args, output, result)
+    write_json_atomic(args.out / "evaluation.json", output)
+    if args.json:
+        sys.stdout.write(dumps_json(output))
+        return 0
+    rows = [
+        [
+            key,
+            metric,
+            values["estimate"],
+            values["real"],
+            values["error"],
+            "yes" if values["inside_interval"] else "no",
+        ]
+        for key, metrics in dataset_level.items()
+        for metric, values in metrics.items()
+    ]
+    print(
+        format_table(
+            ["class", "metric", "estimate", "real", "error", "in interval"], rows
+        )
     )
+    if "per_image" in output:
+        rows = [
+            [
+                metric,
+                values["pearson_r"] if values["pearson_r"] is not None else "n/a",
+                values["mae"],
+                values["coverage"],
+                values["auroc_failure"]
+                if values["auroc_failure"] is not None
+                else "n/a",
+            ]
+            for metric, values in output["per_image"].items()
+        ]
+        print("per image:")
+        print(
+            format_table(["metric", "r", "MAE", "coverage", "AUROC (Dice<0.7)"], rows)
+        )
+    return 0
+
+
+def add_estimate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration", type=Path, required=True, help="a file made by spe calibrate"
     )
@@ -452,26 +580,65 @@ def add_estimate_parser(commands: argparse._SubParsersAction) -> None:
         required=True,
         help="the labeled reference set used to calibrate",
     )
-    parser.add_argument("--images", type=Path, required=True, help="unlabeled images")
     parser.add_argument(
         "--predictions",
         type=Path,
         required=True,
-        help="the model's masks for those images",
+        help="the model's masks for the target images",
     )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "--out", type=Path, required=True, help="folder for estimate.json"
-    )
-    parser.add_argument(
-        "--labels-name",
-        default="labels",
-        help="name of the reference labels folder (labels)",
+        "--labels-name", default="labels", help="name of the labels folders (labels)"
     )
     parser.add_argument(
         "--coverage", type=float, default=0.9, help="prediction interval coverage (0.9)"
     )
+    parser.add_argument(
+        "--flag-metric",
+        default="dice",
+        help="metric whose per-image estimate flags cases (dice)",
+    )
+    parser.add_argument(
+        "--flag-threshold",
+        type=float,
+        default=0.7,
+        help="flag cases estimated below this (0.7)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON to stdout")
     add_segmenter_options(parser)
+
+
+def add_evaluate_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="estimate on a labeled target set and score the estimates",
+        description=(
+            "spe estimate on a target set whose labels are known, then the error "
+            "of each estimate, interval coverage and per-image r, MAE and AUROC."
+        ),
+    )
+    parser.add_argument(
+        "--target",
+        type=Path,
+        required=True,
+        help="labeled target set: images/ and labels/",
+    )
+    add_estimate_options(parser)
+    parser.set_defaults(handler=run_evaluate)
+
+
+def add_estimate_parser(commands) -> None:
+    parser = commands.add_parser(
+        "estimate",
+        help="estimate metrics of predictions on unlabeled images",
+        description=(
+            "Estimate Dice, Jaccard, precision, recall, pixel Pearson and HD95 of a "
+            "model's predictions without labels, with prediction intervals, per "
+            "dataset and per image."
+        ),
+    )
+    parser.add_argument("--images", type=Path, required=True, help="unlabeled images")
+    add_estimate_options(parser)
     parser.set_defaults(handler=run_estimate)
 
 
@@ -490,6 +657,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         CSV_COLUMNS,
         ReproduceSettings,
         csv_rows,
+        per_image_step,
         plot_scatter,
         reproduce,
     )
@@ -508,6 +676,16 @@ def run_reproduce(args: argparse.Namespace) -> int:
         coverage=args.coverage,
     )
     out = ensure_folder(args.out)
+    steps = []
+    if args.per_image:
+        steps.append(
+            per_image_step(
+                per_image_settings(args),
+                n_checkpoints=args.per_image_checkpoints,
+                max_cases=args.per_image_max_cases,
+                flag_threshold=args.flag_threshold,
+            )
+        )
     results = reproduce(
         args.dataset,
         segmenter,
@@ -515,6 +693,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         training=training,
         protocol=protocol,
         progress=progress_bar(args),
+        extra_steps=steps,
     )
     write_json_atomic(out / "results.json", results)
     write_csv_atomic(out / "results.csv", csv_rows(results), CSV_COLUMNS)
@@ -603,6 +782,56 @@ def add_reproduce_options(
         "--coverage", type=float, default=0.9, help="prediction interval coverage (0.9)"
     )
     group.add_argument("--json", action="store_true", help="print JSON to stdout")
+    group.add_argument(
+        "--per-image-checkpoints",
+        type=int,
+        default=5,
+        help="checkpoints used for the per-image evaluation (5)",
+    )
+    group.add_argument(
+        "--per-image-max-cases",
+        type=int,
+        default=None,
+        help="most cases per split in the per-image evaluation",
+    )
+    add_per_image_options(parser)
+
+
+def add_per_image_options(parser: argparse.ArgumentParser) -> None:
+    from spe.per_image import AGGREGATES, PerImageSettings
+
+    defaults = PerImageSettings()
+    group = parser.add_argument_group("per-image estimates")
+    group.add_argument(
+        "--per-image",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="estimate each image too (2-D only)",
+    )
+    group.add_argument(
+        "--k",
+        type=int,
+        default=defaults.k,
+        help="similar reference images per target image (8)",
+    )
+    group.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default=defaults.aggregate,
+        help="topk: regression on the k sorted scores; max: best score",
+    )
+    group.add_argument(
+        "--flag-threshold",
+        type=float,
+        default=0.7,
+        help="flag cases whose estimated Dice is below this (0.7)",
+    )
+
+
+def per_image_settings(args: argparse.Namespace):
+    from spe.per_image import PerImageSettings
+
+    return PerImageSettings(k=args.k, aggregate=args.aggregate)
 
 
 def add_reproduce_parser(commands: argparse._SubParsersAction) -> None:
@@ -660,6 +889,65 @@ DEMO_MAX_REFERENCES = 48
 
 
 # ---------------------------------------------------------------------------
+# spe weights
+
+
+def run_weights_info(args: argparse.Namespace) -> int:
+    from spe.weights import weights_info
+
+    print(weights_info(args.universeg_weights))
+    return 0
+
+
+def run_weights_download(args: argparse.Namespace) -> int:
+    from spe.weights import RELEASE_URL, download_weights
+
+    url = args.url or RELEASE_URL
+    print(f"downloading {url}", file=sys.stderr)
+    result = download_weights(
+        url, args.out, timeout_s=args.timeout, progress=not args.quiet
+    )
+    print(f"saved {result.path}")
+    print(f"size: {result.size_bytes} bytes")
+    print(f"sha256: {result.sha256}")
+    return 0
+
+
+def add_weights_parser(commands) -> None:
+    parser = commands.add_parser(
+        "weights",
+        help="find or download UniverSeg's official weights",
+        description=(
+            "UniverSeg's weights are research-only (OpenRAIL++-M) and never shipped; "
+            "they are looked up in --universeg-weights, then $SPE_UNIVERSEG_WEIGHTS, "
+            "then the user cache."
+        ),
+    )
+    actions = _CommonOptions(
+        parser.add_subparsers(dest="action", metavar="ACTION", required=True),
+        parser._common,
+    )
+    info = actions.add_parser("info", help="where the weights were found, or not")
+    info.add_argument("--universeg-weights", type=Path, help="a weights file to check")
+    info.set_defaults(handler=run_weights_info)
+
+    download = actions.add_parser(
+        "download", help="download the official file into the cache (network)"
+    )
+    download.add_argument("--url", help="another address to download from")
+    download.add_argument(
+        "--out", type=Path, help="file or folder (default: the cache)"
+    )
+    download.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for the server (15)",
+    )
+    download.set_defaults(handler=run_weights_download)
+
+
+# ---------------------------------------------------------------------------
 # Entry point
 
 
@@ -682,8 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_metrics_parser(commands)
     add_calibrate_parser(commands)
     add_estimate_parser(commands)
+    add_evaluate_parser(commands)
     add_reproduce_parser(commands)
     add_demo_parser(commands)
+    add_weights_parser(commands)
     return parser
 
 
@@ -695,7 +985,9 @@ class _CommonOptions:
         self.common = common
 
     def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
-        return self.commands.add_parser(name, parents=[self.common], **options)
+        parser = self.commands.add_parser(name, parents=[self.common], **options)
+        parser._common = self.common  # for commands with actions of their own
+        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,16 @@ from spe.calibration import Calibration, apply_map
 from spe.cases import CaseSet
 from spe.errors import SPEError
 from spe.metrics import find_classes, summarize_class
+from spe.per_image import (
+    PerImageSettings,
+    collect_scores,
+    estimate_cases,
+    fit_per_image,
+    make_descriptor,
+    prepare_per_image_reference,
+    real_per_case,
+    settings_from_record,
+)
 from spe.reverse import ReferenceSet, prepare_reference, pseudo_metrics
 from spe.scoring import score_case
 from spe.segmenters import InContextSegmenter
@@ -222,6 +232,7 @@ def calibrate(
     *,
     settings: Settings,
     classes: Sequence[int] | None = None,
+    per_image: PerImageSettings | None = None,
     progress: Any = None,
 ) -> Calibration:
     """Fit G on a labeled calibration set predicted by several models.
@@ -230,8 +241,12 @@ def calibrate(
         reference: labeled reference cases.
         calibration_set: labeled cases (masks are the ground truth).
         predictions: checkpoint or model name -> case id -> predicted mask.
+        per_image: also calibrate per-image estimates (2-D only).
         progress: optional callable wrapping an iterable (a progress bar).
     """
+    if per_image is not None and reference.is_volume:
+        logger.warning("per-image estimates need 2-D images; calibrating datasets only")
+        per_image = None
     settings.validate()
     classes = resolve_classes(reference, classes)
     prepared = prepare_reference(
@@ -242,8 +257,14 @@ def calibrate(
         axis=settings.axis_for(reference),
     )
 
+    per_image_reference = None
+    if per_image is not None:
+        per_image_reference = prepare_per_image_reference(
+            segmenter, reference, make_descriptor(per_image.descriptor)
+        )
+
     names = list(predictions)
-    pseudo, real = [], []
+    pseudo, real, image_scores, image_real = [], [], [], []
     iterator = progress(names) if progress else names
     for name in iterator:
         predicted = calibration_set.with_masks(dict(predictions[name]), source=name)
@@ -253,8 +274,23 @@ def calibrate(
         real.append(
             compute_real(predicted, calibration_set, classes, hd95=settings.hd95)
         )
+        if per_image_reference is not None:
+            image_scores.append(
+                collect_scores(
+                    segmenter,
+                    per_image_reference,
+                    predicted,
+                    classes,
+                    per_image,
+                    threshold=settings.threshold,
+                    hd95=settings.hd95,
+                )
+            )
+            image_real.append(
+                real_per_case(predicted, calibration_set, classes, hd95=settings.hd95)
+            )
 
-    return Calibration.fit(
+    calibration = Calibration.fit(
         pseudo,
         real,
         names,
@@ -263,6 +299,15 @@ def calibrate(
         settings=settings.as_dict() | {"classes": list(classes)},
         reference=reference_record(reference),
     )
+    if per_image is not None:
+        calibration.per_image = fit_per_image(
+            image_scores,
+            image_real,
+            calibration_set.case_ids,
+            per_image,
+            seed=settings.seed,
+        )
+    return calibration
 
 
 def settings_from_calibration(calibration: Calibration) -> tuple[Settings, list[int]]:
@@ -275,11 +320,20 @@ def settings_from_calibration(calibration: Calibration) -> tuple[Settings, list[
 
 @dataclass
 class DatasetEstimate:
-    """Estimates for one set of predictions: class -> metric -> Estimate."""
+    """Estimates for one set of predictions.
+
+    Attributes:
+        estimates: class key -> metric -> Estimate as a dict.
+        pseudo: the pseudo metrics behind them.
+        warnings: extrapolation and empty-support warnings.
+        per_case: per-image rows (see :func:`spe.per_image.estimate_cases`),
+            empty when the calibration has no per-image part or for volumes.
+    """
 
     estimates: dict[str, dict[str, Any]]
     pseudo: PseudoResult
     warnings: list[str]
+    per_case: list[dict[str, Any]] = field(default_factory=list)
 
 
 def estimate(
@@ -289,6 +343,9 @@ def estimate(
     target: CaseSet,
     *,
     coverage: float = 0.9,
+    flag_metric: str = "dice",
+    flag_threshold: float = 0.7,
+    progress: Any = None,
 ) -> DatasetEstimate:
     """Estimate the metrics of a model's predictions (``target`` masks).
 
@@ -337,4 +394,29 @@ def estimate(
         )
     for message in warnings:
         logger.warning(message)
-    return DatasetEstimate(estimates=estimates, pseudo=pseudo, warnings=warnings)
+    result = DatasetEstimate(estimates=estimates, pseudo=pseudo, warnings=warnings)
+
+    if calibration.per_image is not None and not target.is_volume:
+        per_image = settings_from_record(calibration.per_image)
+        per_image_reference = prepare_per_image_reference(
+            segmenter, reference.cases, make_descriptor(per_image.descriptor)
+        )
+        scores = collect_scores(
+            segmenter,
+            per_image_reference,
+            target,
+            classes,
+            per_image,
+            threshold=settings.threshold,
+            hd95=settings.hd95,
+            progress=progress,
+        )
+        result.per_case = estimate_cases(
+            calibration.per_image,
+            scores,
+            target.case_ids,
+            coverage=coverage,
+            flag_metric=flag_metric,
+            flag_threshold=flag_threshold,
+        )
+    return result

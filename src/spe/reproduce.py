@@ -25,6 +25,16 @@ from spe.cases import CaseSet, load_labeled
 from spe.errors import SPEError
 from spe.evaluation import foreground_fraction, interval_coverage, score_estimator
 from spe.metrics import find_classes
+from spe.per_image import (
+    PerImageSettings,
+    collect_scores,
+    estimate_cases,
+    evaluate_per_image,
+    fit_per_image,
+    make_descriptor,
+    prepare_per_image_reference,
+    real_per_case,
+)
 from spe.pipeline import (
     PIPELINE_METRICS,
     Settings,
@@ -448,3 +458,118 @@ def plot_scatter(results: dict[str, Any], folder: Path) -> list[Path]:
             write_bytes_atomic(folder / f"scatter_{metric}.png", buffer.getvalue())
         )
     return paths
+
+
+# ---------------------------------------------------------------------------
+# Per-image evaluation, run inside the protocol
+
+
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over range(n) (all when n <= count)."""
+    if n <= count:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+
+
+def subsample_cases(cases: CaseSet, max_cases: int | None, seed: int) -> CaseSet:
+    """At most ``max_cases`` cases, drawn with ``seed``, in case order."""
+    if max_cases is None or len(cases) <= max_cases:
+        return cases
+    rng = np.random.default_rng([seed, 2718])
+    chosen = sorted(rng.choice(len(cases), size=max_cases, replace=False).tolist())
+    return CaseSet(cases=[cases.cases[i] for i in chosen], source=cases.source)
+
+
+def per_image_step(
+    settings: PerImageSettings,
+    *,
+    n_checkpoints: int = 5,
+    max_cases: int | None = None,
+    flag_threshold: float = 0.7,
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A reproduce step: per-image calibration on test, evaluation on extra_test.
+
+    Args:
+        settings: k, aggregate and descriptor of per-image estimation.
+        n_checkpoints: checkpoints used (spread over the chosen ones).
+        max_cases: most cases per split (drawn with the seed).
+    """
+
+    def step(context: dict[str, Any]) -> dict[str, Any]:
+        data, records = context["data"], context["records"]
+        segmenter, pipeline = context["segmenter"], context["settings"]
+        if data.fit.is_volume:
+            logger.warning("per-image evaluation skipped: it needs 2-D images")
+            return {"per_image": None}
+
+        clock = time.perf_counter()
+        descriptor = make_descriptor(settings.descriptor)
+        reference = prepare_per_image_reference(segmenter, data.fit, descriptor)
+        chosen = [records[i] for i in spread_indices(len(records), n_checkpoints)]
+        splits = {
+            split: subsample_cases(getattr(data, split), max_cases, pipeline.seed)
+            for split in ("test", "extra_test")
+        }
+
+        scores: dict[str, list] = {"test": [], "extra_test": []}
+        real: dict[str, list] = {"test": [], "extra_test": []}
+        n_targets = 0
+        for record in context["wrap"](chosen, desc="per-image checkpoints"):
+            for split, truth in splits.items():
+                masks = record.predictions[split]
+                predicted = truth.with_masks(
+                    {c.case_id: masks[c.case_id] for c in truth.cases}, split
+                )
+                scores[split].append(
+                    collect_scores(
+                        segmenter,
+                        reference,
+                        predicted,
+                        data.classes,
+                        settings,
+                        threshold=pipeline.threshold,
+                        hd95=pipeline.hd95,
+                    )
+                )
+                real[split].append(
+                    real_per_case(predicted, truth, data.classes, hd95=pipeline.hd95)
+                )
+                n_targets += len(truth)
+        seconds = time.perf_counter() - clock
+
+        record = fit_per_image(
+            scores["test"],
+            real["test"],
+            splits["test"].case_ids,
+            settings,
+            seed=pipeline.seed,
+        )
+        rows = []
+        for class_scores in scores["extra_test"]:
+            rows += estimate_cases(
+                record,
+                class_scores,
+                splits["extra_test"].case_ids,
+                coverage=context["protocol"].coverage,
+                flag_threshold=flag_threshold,
+            )
+        stacked_real = {
+            key: np.concatenate([r[key] for r in real["extra_test"]])
+            for key in real["extra_test"][0]
+        }
+        # Rows come per model, then per class; regroup them per class so they
+        # line up with the stacked real values.
+        ordered = [row for key in stacked_real for row in rows if row["class"] == key]
+        evaluation = evaluate_per_image(ordered, stacked_real)
+        context["timings"]["per_image"] = seconds
+        return {
+            "per_image": evaluation,
+            "per_image_settings": record["settings"]
+            | {
+                "n_checkpoints": len(chosen),
+                "n_cases": {s: len(c) for s, c in splits.items()},
+                "seconds_per_target_image": seconds / max(n_targets, 1),
+            },
+        }
+
+    return step
