@@ -16,9 +16,9 @@ from spe.segmenters.universeg import (
     state_dict_shapes,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-GOLDEN_WEIGHTS = FIXTURES / "universeg" / "universeg_golden_weights.pt"
-GOLDEN_IO = FIXTURES / "universeg" / "universeg_golden_io.npz"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN_WEIGHTS = SHARED / "fixtures" / "universeg" / "universeg_golden_weights.pt"
+GOLDEN_IO = SHARED / "fixtures" / "universeg" / "universeg_golden_io.npz"
 CASES = ("b1_s3", "b2_s5", "b1_s2_64")
 
 # The fixture's logits come from the reference implementation in float32.
@@ -26,6 +26,16 @@ LOGIT_TOLERANCE = 1e-4
 
 # Adapter tests run at 64 x 64, a quarter of the cost of the official size.
 SMALL = (64, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run on one thread: these tests check numbers, not speed, and their many
+    small operations stall on hand-offs between threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +292,24 @@ def test_resized_masks_are_binarised_at_the_threshold():
     expected = segmenter.segment_prepared(support, binary, queries)
     actual = segmenter.segment_prepared(support, fractional, queries)
     assert torch.equal(actual, expected)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    rng = np.random.default_rng(6)
+    support_images = random_images(rng, [(32, 32)] * 2)
+    support_masks = [disc_mask((32, 32), r) for r in (0.2, 0.3)]
+    queries = random_images(rng, [(32, 32)] * 2)
+
+    exact = make_segmenter(image_size=(32, 32))
+    fast = make_segmenter(image_size=(32, 32), autocast="bf16")
+
+    for reference, approximate in zip(
+        exact.segment(support_images, support_masks, queries),
+        fast.segment(support_images, support_masks, queries),
+        strict=True,
+    ):
+        assert approximate.dtype == np.float32
+        assert np.abs(approximate - reference).max() < 0.05
 
 
 def test_settings_name_everything_that_changes_the_output():

@@ -22,13 +22,8 @@ from spe import weights
 from spe.errors import SPEError
 from spe.segmenters.universeg import state_dict_shapes
 
-GOLDEN_WEIGHTS = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "fixtures"
-    / "universeg"
-    / "universeg_golden_weights.pt"
-)
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN_WEIGHTS = SHARED / "fixtures" / "universeg" / "universeg_golden_weights.pt"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # Short enough to keep the suite fast, long enough for a loaded CI machine.
@@ -237,7 +232,10 @@ def test_download_writes_the_file_atomically_and_reports_it(tmp_path):
     ("respond", "fragment"),
     [
         (send(b"missing", status=404), "HTTP 404"),
-        (send(b"<html>sign in</html>"), "not usable"),
+        (
+            send(b"<html>sign in</html>"),
+            "downloaded from .* is not a PyTorch weights file",
+        ),
         (send(b"x" * 1000, claimed_length=5000), "stopped after 1000 of 5000 bytes"),
     ],
 )

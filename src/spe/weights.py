@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -60,7 +60,7 @@ _CHUNK_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class WeightsLocation:
-    """Where the weights are looked for first.
+    """Where the weights are, and which of the three ways gave that place.
 
     Attributes:
         path: the weights file (it may not exist for an argument or an
@@ -69,10 +69,11 @@ class WeightsLocation:
     """
 
     path: Path
-    source: str
+    source: Literal["argument", "environment", "cache"]
 
     @property
     def exists(self) -> bool:
+        """Whether a file is at ``path``."""
         return self.path.is_file()
 
     def describe(self) -> str:
@@ -283,6 +284,9 @@ def download_weights(
                 url, handle, timeout_s=timeout_s, progress=progress
             )
         _check_downloaded(partial, url)
+
+        # mkstemp makes the file private; weights are no secret.
+        partial.chmod(0o644)
         partial.replace(target)
     except BaseException:
         # Whatever went wrong (including Ctrl-C), leave no half file behind.
@@ -373,11 +377,7 @@ def _check_downloaded(path: Path, url: str) -> None:
     # Imported here: the network module imports this one.
     from spe.segmenters.universeg import state_dict_shapes
 
-    try:
-        load_state_dict(path, state_dict_shapes())
-    except SPEError as error:
-        message = f"the file downloaded from {url} is not usable: {error}"
-        raise SPEError(message) from error
+    load_state_dict(path, state_dict_shapes(), source=f"the file downloaded from {url}")
 
 
 # ---------------------------------------------------------------------------
@@ -385,7 +385,10 @@ def _check_downloaded(path: Path, url: str) -> None:
 
 
 def load_state_dict(
-    path: str | os.PathLike[str], expected_shapes: Mapping[str, tuple[int, ...]]
+    path: str | os.PathLike[str],
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    source: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a state dict and check its names and shapes.
 
@@ -394,21 +397,27 @@ def load_state_dict(
     Args:
         path: a PyTorch file holding a state dict (a mapping name -> tensor).
         expected_shapes: the name and shape of every tensor the model needs.
+        source: how error messages name the file; default its path.
 
     Raises:
         SPEError: the file cannot be read, is not a state dict, or has missing,
             unexpected or wrongly shaped tensors (the message names them).
     """
     path = Path(path)
+    subject = source or str(path)
+    expected = f"expected the official {FILE_NAME}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        raise SPEError(f"weights file {path} does not exist") from error
+        raise SPEError(f"weights file {subject} does not exist") from error
     except Exception as error:
-        # torch.load raises many types (unpickling, zip, runtime) for a bad file.
+        # torch.load raises many types (unpickling, zip, runtime) for a bad
+        # file, and their text can be long or advise unsafe loading: give the
+        # type only.
+        logger.debug("torch.load(%s) failed: %s", path, error)
         message = (
-            f"{path} is not a PyTorch weights file ({type(error).__name__}: "
-            f"{_first_line(error)}); give the official {FILE_NAME}"
+            f"{subject} is not a PyTorch weights file ({type(error).__name__}); "
+            f"{expected}"
         )
         raise SPEError(message) from error
 
@@ -416,17 +425,17 @@ def load_state_dict(
         isinstance(value, torch.Tensor) for value in state.values()
     ):
         message = (
-            f"{path} holds a {type(state).__name__}, not a state dict of tensors; "
-            f"give the official {FILE_NAME}"
+            f"{subject} holds a {type(state).__name__}, not a state dict of "
+            f"tensors; {expected}"
         )
         raise SPEError(message)
 
     problems = _state_dict_problems(state, expected_shapes)
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        more = f" and {len(problems) - 3} more differences" if len(problems) > 3 else ""
         message = (
-            f"{path} does not hold UniverSeg v1 weights: {'; '.join(problems[:3])}"
-            f"{more}; give the official {FILE_NAME}"
+            f"{subject} does not hold UniverSeg v1 weights: "
+            f"{', '.join(problems[:3])}{more}; {expected}"
         )
         raise SPEError(message)
     return dict(state)
@@ -447,9 +456,3 @@ def _state_dict_problems(
                 f"{tuple(shape)}"
             )
     return problems
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"

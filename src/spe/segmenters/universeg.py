@@ -88,6 +88,16 @@ def _channels_last(maps: torch.Tensor) -> torch.Tensor:
     return maps.contiguous(memory_format=CHANNELS_LAST)
 
 
+def _member_mean(maps: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * S, C, H, W) -> (B, C, H, W): the mean over each query's S members."""
+    # Reduce over the members in channels-last memory order, where each member
+    # is one contiguous block; reducing the 5-D strided view is several times
+    # slower.
+    pixels_last = _channels_last(maps).permute(0, 2, 3, 1)
+    mean = pixels_last.reshape(batch, -1, *pixels_last.shape[1:]).mean(dim=1)
+    return mean.permute(0, 3, 1, 2)
+
+
 class CrossBlock(nn.Module):
     """One UniverSeg cross block: cross, target and support convolutions.
 
@@ -149,8 +159,7 @@ class CrossBlock(nn.Module):
         paired.add_(self.query_term(target).unsqueeze(1))
 
         # The query stream goes on from the mean interaction.
-        new_target = _channels_last(paired.mean(dim=1))
-        new_target = _activate(self.target_conv(new_target))
+        new_target = _activate(self.target_conv(_member_mean(interactions, batch)))
 
         new_support = _activate(self.support_conv(interactions))
         return new_target, new_support
@@ -246,13 +255,13 @@ class UniverSegNet(nn.Module):
         # Support half of the cross convolution for every member.
         support = torch.cat([support_images, support_labels], dim=2).flatten(0, 1)
         cross = block.support_term(_channels_last(support))
-        cross_mean = cross.view(groups, members, *cross.shape[1:]).mean(dim=1)
+        cross_mean = _member_mean(cross, groups)
 
         # The support convolution is linear too: its share from the support
         # half can be computed now and the query's share added later.
         support_maps = block.support_conv(cross)
         return SupportEncoding(
-            cross_mean=_channels_last(cross_mean),
+            cross_mean=cross_mean,
             support_maps=support_maps.view(groups, members, *support_maps.shape[1:]),
         )
 
@@ -303,10 +312,10 @@ class UniverSegNet(nn.Module):
             support = F.max_pool2d(support, 2)
             target, support = block(target, support)
 
-        # Decoder: double the streams and append the skips, deepest first.
-        for block, (skip_target, skip_support) in zip(
-            self.dec_blocks, reversed(skips), strict=True
-        ):
+        # Decoder: double the streams and append the skips, deepest first;
+        # each skip is freed as soon as it is copied in.
+        for block in self.dec_blocks:
+            skip_target, skip_support = skips.pop()
             target = torch.cat([_upsample(target, skip_target), skip_target], dim=1)
             support = torch.cat([_upsample(support, skip_support), skip_support], dim=1)
             del skip_target, skip_support
@@ -402,7 +411,7 @@ class UniverSegSegmenter(InContextSegmenter):
         autocast: str | None = None,
         device: str = "auto",
         batch_size: int = 8,
-        pairs_per_pass: int = 128,
+        pairs_per_pass: int = 64,
     ) -> None:
         """
         Args:
@@ -422,8 +431,8 @@ class UniverSegSegmenter(InContextSegmenter):
             device: "cpu", "cuda" or "auto" (CUDA when available).
             batch_size: most queries per forward pass.
             pairs_per_pass: most (query, support member) pairs per forward
-                pass; bounds memory, about 25 MB per pair at 128 x 128 in
-                float32.
+                pass (at least one query per pass); bounds memory, which is
+                about 25 MB per pair at 128 x 128 in float32.
         """
         super().__init__(image_size=image_size, seed=seed)
         _check_options(
@@ -482,6 +491,12 @@ class UniverSegSegmenter(InContextSegmenter):
             ``ensemble`` random subsets drawn with ``seed``.
         """
         if count <= self.support_size:
+            if self.ensemble > 1:
+                logger.debug(
+                    "support set of %d fits support_size %d: one pass, no ensemble",
+                    count,
+                    self.support_size,
+                )
             return [torch.arange(count)]
         generator = torch.Generator().manual_seed(self.seed)
         return [
@@ -606,30 +621,32 @@ def _check_options(
     batch_size: int,
     pairs_per_pass: int,
 ) -> None:
-    """Raise SPEError naming the first option of the segmenter that is invalid."""
-    problems = []
+    """Raise SPEError naming an option of the segmenter that is invalid."""
     if min(image_size) < SIZE_MULTIPLE or any(n % SIZE_MULTIPLE for n in image_size):
-        problems.append(
-            f"image_size {image_size} must be multiples of {SIZE_MULTIPLE} "
-            f"(UniverSeg's weights expect {OFFICIAL_IMAGE_SIZE})"
+        message = (
+            f"UniverSeg image_size {image_size} must be multiples of "
+            f"{SIZE_MULTIPLE}; its weights expect {OFFICIAL_IMAGE_SIZE}"
         )
+        raise SPEError(message)
     for name, value in (
         ("support_size", support_size),
         ("ensemble", ensemble),
         ("batch_size", batch_size),
         ("pairs_per_pass", pairs_per_pass),
     ):
-        if int(value) != value or value < 1:
-            problems.append(f"{name} must be a whole number >= 1, got {value!r}")
+        if not isinstance(value, int) or value < 1:
+            raise SPEError(
+                f"UniverSeg {name} must be a whole number >= 1, got {value!r}"
+            )
     if not 0 < mask_threshold <= 1:
-        problems.append(f"mask_threshold must be in (0, 1], got {mask_threshold!r}")
+        message = f"UniverSeg mask_threshold must be in (0, 1], got {mask_threshold!r}"
+        raise SPEError(message)
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
-        problems.append(
-            f"autocast must be one of {', '.join(AUTOCAST_DTYPES)} or None, "
-            f"got {autocast!r}"
+        message = (
+            f"UniverSeg autocast must be one of {', '.join(AUTOCAST_DTYPES)} or "
+            f"None, got {autocast!r}"
         )
-    if problems:
-        raise SPEError(f"UniverSeg: {problems[0]}")
+        raise SPEError(message)
 
 
 def _resolve_device(device: str) -> torch.device:
