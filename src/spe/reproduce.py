@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from spe.pipeline import (
 )
 from spe.reverse import prepare_reference
 from spe.segmenters import InContextSegmenter
-from spe.unet import TrainingSettings, predict, train_unet
+from spe.unet import TrainedModel, TrainingSettings, predict, train_unet
 
 logger = logging.getLogger(__name__)
 
@@ -151,28 +152,42 @@ class CheckpointRecord:
     )
 
 
-def reproduce(
+@dataclass
+class ProtocolRun:
+    """The model side of a protocol run, shared by every segmenter evaluated.
+
+    Attributes:
+        data: the dataset splits.
+        model: the trained UNet and its checkpoints.
+        records: the chosen checkpoints with their predictions, real metrics
+            and foreground fractions (pseudo metrics are per segmenter).
+        axis: slice axis of volumes.
+        keys: class keys ("1", or labels and "mean").
+        timings: seconds per phase.
+    """
+
+    data: DatasetSplits
+    model: TrainedModel
+    records: list[CheckpointRecord]
+    axis: int
+    keys: list[str]
+    timings: dict[str, float]
+    training: TrainingSettings
+    protocol: ReproduceSettings
+
+
+def train_and_predict(
     dataset_root: Path | str,
-    segmenter: InContextSegmenter,
     *,
     settings: Settings,
     training: TrainingSettings,
     protocol: ReproduceSettings,
     progress: Callable | None = None,
-    extra_steps: Sequence[Callable[..., dict[str, Any]]] = (),
-) -> dict[str, Any]:
-    """Run the protocol; returns the JSON-ready results (see ``results.json``).
-
-    Args:
-        progress: wraps an iterable with a progress bar, or None.
-        extra_steps: callables ``step(context) -> {key: value}`` run after the
-            dataset-level evaluation, whose results are added to the output
-            (per-image evaluation hooks in here).
-    """
+) -> ProtocolRun:
+    """Train, choose checkpoints over validation Dice, predict test and extra_test."""
     settings.validate()
     wrap = progress or (lambda items, **_: items)
     timings: dict[str, float] = {}
-    started = time.perf_counter()
 
     # 1. Data and the model's checkpoints.
     clock = time.perf_counter()
@@ -206,28 +221,17 @@ def reproduce(
         validation.append(
             compute_real(predicted, data.validation, data.classes, hd95=settings.hd95)
         )
-    main_key = keys[-1]
     chosen = choose_checkpoints(
-        [v[main_key]["dice"] for v in validation], protocol.n_checkpoints
+        [v[keys[-1]]["dice"] for v in validation], protocol.n_checkpoints
     )
     if len(chosen) < 3:
         raise SPEError("fewer than 3 checkpoints were saved; train for more epochs")
     timings["validate"] = time.perf_counter() - clock
 
-    # 3. Real and pseudo metrics of every chosen checkpoint on both sets.
+    # 3. Predictions and real metrics of every chosen checkpoint on both sets.
     clock = time.perf_counter()
-    reference = prepare_reference(
-        segmenter,
-        data.fit,
-        max_references=settings.max_references,
-        seed=settings.seed,
-        axis=axis,
-    )
-    timings["prepare_reference"] = time.perf_counter() - clock
-
     records = []
-    pseudo_seconds = 0.0
-    for index in wrap(chosen, desc="checkpoints"):
+    for index in wrap(chosen, desc="predicting"):
         record = CheckpointRecord(
             name=f"step{model.steps[index]}",
             step=model.steps[index],
@@ -239,16 +243,64 @@ def reproduce(
             record.real[split] = compute_real(
                 predicted, truth, data.classes, hd95=settings.hd95
             )
-            clock = time.perf_counter()
-            record.pseudo[split] = compute_pseudo(
-                segmenter, reference, predicted, data.classes, settings
-            ).scores
-            pseudo_seconds += time.perf_counter() - clock
             record.area[split] = foreground_fraction(predicted, data.classes)
         records.append(record)
-    timings["pseudo"] = pseudo_seconds
+    timings["predict"] = time.perf_counter() - clock
+    return ProtocolRun(data, model, records, axis, keys, timings, training, protocol)
 
-    # 4. Fit G on test; estimate extra_test; score against the real values.
+
+def predictions_of(record: CheckpointRecord, split: str, truth: CaseSet) -> CaseSet:
+    """The cases of ``truth`` with the checkpoint's predictions as masks."""
+    masks = record.predictions[split]
+    return truth.with_masks({c.case_id: masks[c.case_id] for c in truth.cases}, split)
+
+
+def evaluate_segmenter(
+    run: ProtocolRun,
+    segmenter: InContextSegmenter,
+    *,
+    settings: Settings,
+    progress: Callable | None = None,
+    extra_steps: Sequence[Callable[..., dict[str, Any]]] = (),
+) -> dict[str, Any]:
+    """Pseudo metrics with ``segmenter``, G fitted on test, scored on extra_test.
+
+    Args:
+        extra_steps: callables ``step(context) -> {key: value}`` run after the
+            dataset-level evaluation, whose results are added to the output
+            (the per-image evaluation is one).
+
+    Returns:
+        The JSON-ready results of ``results.json``.
+    """
+    wrap = progress or (lambda items, **_: items)
+    data, records = run.data, run.records
+    timings = dict(run.timings)
+    started = time.perf_counter()
+
+    clock = time.perf_counter()
+    reference = prepare_reference(
+        segmenter,
+        data.fit,
+        max_references=settings.max_references,
+        seed=settings.seed,
+        axis=run.axis,
+    )
+    timings["prepare_reference"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    for record in wrap(records, desc=f"pseudo metrics ({segmenter.name})"):
+        for split, truth in (("test", data.test), ("extra_test", data.extra_test)):
+            record.pseudo[split] = compute_pseudo(
+                segmenter,
+                reference,
+                predictions_of(record, split, truth),
+                data.classes,
+                settings,
+            ).scores
+    timings["pseudo"] = time.perf_counter() - clock
+
+    # Fit G on test; estimate extra_test; score against the real values.
     calibration = Calibration.fit(
         [r.pseudo["test"] for r in records],
         [r.real["test"] for r in records],
@@ -258,8 +310,10 @@ def reproduce(
         settings=settings.as_dict() | {"classes": data.classes},
         reference=reference_record(data.fit),
     )
-    evaluation = evaluate_dataset_level(records, calibration, keys, protocol.coverage)
-
+    evaluation = evaluate_dataset_level(
+        records, calibration, run.keys, run.protocol.coverage
+    )
+    main_key = run.keys[-1]
     results: dict[str, Any] = {
         "dataset": data.name,
         "segmenter": segmenter.name,
@@ -271,8 +325,8 @@ def reproduce(
         "coverage": evaluation["coverage"],
         "checkpoints": evaluation["table"],
         "settings": settings.as_dict(),
-        "training": asdict(training),
-        "protocol": asdict(protocol),
+        "training": asdict(run.training),
+        "protocol": asdict(run.protocol),
         "n_cases": {
             "reference": len(reference.cases),
             "validation": len(data.validation),
@@ -282,25 +336,56 @@ def reproduce(
     }
     context = {
         "data": data,
-        "model": model,
+        "model": run.model,
         "records": records,
         "reference": reference,
         "segmenter": segmenter,
         "settings": settings,
-        "protocol": protocol,
+        "protocol": run.protocol,
         "calibration": calibration,
-        "keys": keys,
+        "keys": run.keys,
         "wrap": wrap,
         "timings": timings,
     }
     for step in extra_steps:
         results |= step(context)
 
-    timings["total"] = time.perf_counter() - started
-    results["seconds"] = timings["total"]
+    timings["evaluate"] = time.perf_counter() - started
+    results["seconds"] = sum(
+        timings[name] for name in ("load", "train", "validate", "predict", "evaluate")
+    )
     results["timings"] = timings
+    results["peak_memory_mb"] = peak_memory_mb()
     results["calibration"] = calibration.to_dict()
     return results
+
+
+def reproduce(
+    dataset_root: Path | str,
+    segmenter: InContextSegmenter,
+    *,
+    settings: Settings,
+    training: TrainingSettings,
+    protocol: ReproduceSettings,
+    progress: Callable | None = None,
+    extra_steps: Sequence[Callable[..., dict[str, Any]]] = (),
+) -> dict[str, Any]:
+    """Run the whole protocol with one segmenter (see :func:`evaluate_segmenter`)."""
+    run = train_and_predict(
+        dataset_root,
+        settings=settings,
+        training=training,
+        protocol=protocol,
+        progress=progress,
+    )
+    return evaluate_segmenter(
+        run, segmenter, settings=settings, progress=progress, extra_steps=extra_steps
+    )
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate_dataset_level(
@@ -516,10 +601,7 @@ def per_image_step(
         n_targets = 0
         for record in context["wrap"](chosen, desc="per-image checkpoints"):
             for split, truth in splits.items():
-                masks = record.predictions[split]
-                predicted = truth.with_masks(
-                    {c.case_id: masks[c.case_id] for c in truth.cases}, split
-                )
+                predicted = predictions_of(record, split, truth)
                 scores[split].append(
                     collect_scores(
                         segmenter,
