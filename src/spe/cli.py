@@ -176,6 +176,7 @@ def add_segmenter_options(
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    from spe.intensity import INTENSITY_MODES
     from spe.pipeline import Settings
 
     defaults = Settings()
@@ -222,6 +223,13 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
         choices=(0, 1, 2),
         help="slice axis of volumes (default: largest spacing)",
     )
+    group.add_argument(
+        "--intensity",
+        choices=INTENSITY_MODES,
+        default=defaults.intensity,
+        help="standardise support and reference intensities first: equalize "
+        "helps when the target images come from another scanner (minmax)",
+    )
 
 
 def pipeline_settings(args: argparse.Namespace):
@@ -236,6 +244,7 @@ def pipeline_settings(args: argparse.Namespace):
         seed=args.seed,
         hd95=args.hd95,
         slice_axis=args.slice_axis,
+        intensity=args.intensity,
     ).validate()
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from spe.calibration import clip_metric
 from spe.cases import CaseSet
 from spe.errors import SPEError
+from spe.intensity import standardize
 from spe.metrics import HIGHER_IS_BETTER, binary_metrics, class_mask
 from spe.segmenters import InContextSegmenter, PreparedImages
 from spe.segmenters.base import resize_probabilities
@@ -104,10 +105,15 @@ class PerImageReference:
     cases: CaseSet
     prepared: PreparedImages
     descriptors: torch.Tensor
+    intensity: str = "minmax"
 
 
 def prepare_per_image_reference(
-    segmenter: InContextSegmenter, reference: CaseSet, descriptor: Descriptor
+    segmenter: InContextSegmenter,
+    reference: CaseSet,
+    descriptor: Descriptor,
+    *,
+    intensity: str = "minmax",
 ) -> PerImageReference:
     """Prepare every reference image once (retrieval needs the whole pool)."""
     if reference.is_volume:
@@ -115,8 +121,12 @@ def prepare_per_image_reference(
             "per-image estimates need 2-D images; 3-D volumes get dataset-level "
             "estimates only"
         )
-    prepared = segmenter.prepare([case.image for case in reference.cases])
-    return PerImageReference(reference, prepared, descriptor(prepared.pixels))
+    prepared = segmenter.prepare(
+        standardize([case.image for case in reference.cases], intensity)
+    )
+    return PerImageReference(
+        reference, prepared, descriptor(prepared.pixels), intensity
+    )
 
 
 def reverse_scores(
@@ -145,7 +155,9 @@ def reverse_scores(
             "per-image estimates need 2-D images; 3-D volumes get dataset-level "
             "estimates only"
         )
-    support = segmenter.prepare([case.image for case in target.cases])
+    support = segmenter.prepare(
+        standardize([case.image for case in target.cases], reference.intensity)
+    )
     support_masks = segmenter.prepare_masks(
         [class_mask(case.mask, label, binary=binary) for case in target.cases]
     )

@@ -17,6 +17,7 @@ import numpy as np
 from spe.calibration import Calibration, apply_map
 from spe.cases import CaseSet
 from spe.errors import SPEError
+from spe.intensity import INTENSITY_MODES
 from spe.metrics import find_classes, summarize_class
 from spe.per_image import (
     PerImageSettings,
@@ -54,6 +55,8 @@ class Settings:
         seed: seeds every random draw.
         hd95: HD95 variant, "max" or "union".
         slice_axis: slice axis for volumes (None: the largest spacing).
+        intensity: intensity standardisation of support and reference images
+            before in-context segmentation (see :mod:`spe.intensity`).
     """
 
     min_area: int = 10
@@ -64,6 +67,7 @@ class Settings:
     seed: int = 0
     hd95: str = "max"
     slice_axis: int | None = None
+    intensity: str = "minmax"
 
     def validate(self) -> Settings:
         if self.min_area < 0:
@@ -78,6 +82,9 @@ class Settings:
             raise SPEError(
                 f"--max-references {self.max_references}: must be at least 1"
             )
+        if self.intensity not in INTENSITY_MODES:
+            choices = ", ".join(INTENSITY_MODES)
+            raise SPEError(f"--intensity {self.intensity!r}: choose one of {choices}")
         if self.slice_axis is not None and self.slice_axis not in (0, 1, 2):
             raise SPEError(f"--slice-axis {self.slice_axis}: must be 0, 1 or 2")
         return self
@@ -207,6 +214,24 @@ def resolve_classes(reference: CaseSet, classes: Sequence[int] | None) -> list[i
     return find_classes(case.mask for case in reference.cases)
 
 
+def prepare_references(
+    segmenter: InContextSegmenter,
+    reference: CaseSet,
+    settings: Settings,
+    *,
+    axis: int | None = None,
+) -> ReferenceSet:
+    """The reference queries for ``segmenter`` under the pipeline settings."""
+    return prepare_reference(
+        segmenter,
+        reference,
+        max_references=settings.max_references,
+        seed=settings.seed,
+        axis=settings.axis_for(reference) if axis is None else axis,
+        intensity=settings.intensity,
+    )
+
+
 def reference_record(reference: CaseSet) -> dict[str, Any]:
     """What a calibration records of its reference set."""
     return {
@@ -249,18 +274,15 @@ def calibrate(
         per_image = None
     settings.validate()
     classes = resolve_classes(reference, classes)
-    prepared = prepare_reference(
-        segmenter,
-        reference,
-        max_references=settings.max_references,
-        seed=settings.seed,
-        axis=settings.axis_for(reference),
-    )
+    prepared = prepare_references(segmenter, reference, settings)
 
     per_image_reference = None
     if per_image is not None:
         per_image_reference = prepare_per_image_reference(
-            segmenter, reference, make_descriptor(per_image.descriptor)
+            segmenter,
+            reference,
+            make_descriptor(per_image.descriptor),
+            intensity=settings.intensity,
         )
 
     names = list(predictions)
@@ -339,7 +361,7 @@ class DatasetEstimate:
 def estimate(
     segmenter: InContextSegmenter,
     calibration: Calibration,
-    reference: CaseSet | ReferenceSet,
+    reference: CaseSet,
     target: CaseSet,
     *,
     coverage: float = 0.9,
@@ -356,20 +378,13 @@ def estimate(
     if not 0 < coverage < 1:
         raise SPEError(f"--coverage {coverage}: must be between 0 and 1 (e.g. 0.9)")
     settings, classes = settings_from_calibration(calibration)
-    if isinstance(reference, CaseSet):
-        calibration.check_compatible(
-            segmenter=segmenter_record(segmenter),
-            reference_fingerprint=reference.fingerprint,
-        )
-        reference = prepare_reference(
-            segmenter,
-            reference,
-            max_references=settings.max_references,
-            seed=settings.seed,
-            axis=settings.axis_for(reference),
-        )
+    calibration.check_compatible(
+        segmenter=segmenter_record(segmenter),
+        reference_fingerprint=reference.fingerprint,
+    )
+    prepared = prepare_references(segmenter, reference, settings)
 
-    pseudo = compute_pseudo(segmenter, reference, target, classes, settings)
+    pseudo = compute_pseudo(segmenter, prepared, target, classes, settings)
     estimates: dict[str, dict[str, Any]] = {}
     warnings = []
     for key in calibration.classes:
@@ -399,7 +414,10 @@ def estimate(
     if calibration.per_image is not None and not target.is_volume:
         per_image = settings_from_record(calibration.per_image)
         per_image_reference = prepare_per_image_reference(
-            segmenter, reference.cases, make_descriptor(per_image.descriptor)
+            segmenter,
+            reference,
+            make_descriptor(per_image.descriptor),
+            intensity=settings.intensity,
         )
         scores = collect_scores(
             segmenter,

@@ -42,10 +42,10 @@ from spe.pipeline import (
     class_keys,
     compute_pseudo,
     compute_real,
+    prepare_references,
     reference_record,
     segmenter_record,
 )
-from spe.reverse import prepare_reference
 from spe.segmenters import InContextSegmenter
 from spe.unet import TrainedModel, TrainingSettings, predict, train_unet
 
@@ -279,13 +279,7 @@ def evaluate_segmenter(
     started = time.perf_counter()
 
     clock = time.perf_counter()
-    reference = prepare_reference(
-        segmenter,
-        data.fit,
-        max_references=settings.max_references,
-        seed=settings.seed,
-        axis=run.axis,
-    )
+    reference = prepare_references(segmenter, data.fit, settings, axis=run.axis)
     timings["prepare_reference"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -589,7 +583,9 @@ def per_image_step(
 
         clock = time.perf_counter()
         descriptor = make_descriptor(settings.descriptor)
-        reference = prepare_per_image_reference(segmenter, data.fit, descriptor)
+        reference = prepare_per_image_reference(
+            segmenter, data.fit, descriptor, intensity=pipeline.intensity
+        )
         chosen = [records[i] for i in spread_indices(len(records), n_checkpoints)]
         splits = {
             split: subsample_cases(getattr(data, split), max_cases, pipeline.seed)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spe.cases import CaseSet
+from spe.intensity import standardize
 from spe.metrics import binary_metrics, class_mask, diagonal_mm, summarize_class
 from spe.segmenters import InContextSegmenter, PreparedImages
 from spe.segmenters.base import resize_probabilities
@@ -38,12 +39,16 @@ class ReferenceSet:
             volume along ``axis``, in case order.
         slices_per_case: how many queries each case contributed.
         axis: slice axis for volumes.
+        intensity: the intensity standardisation applied to queries, and to
+            every support set segmented against them (see
+            :mod:`spe.intensity`).
     """
 
     cases: CaseSet
     prepared: PreparedImages
     slices_per_case: list[int]
     axis: int
+    intensity: str = "minmax"
 
     @property
     def n_queries(self) -> int:
@@ -86,6 +91,7 @@ def prepare_reference(
     max_references: int | None = None,
     seed: int = 0,
     axis: int = 0,
+    intensity: str = "minmax",
 ) -> ReferenceSet:
     """Choose and prepare the reference queries once for ``segmenter``."""
     chosen = choose_references(reference, max_references=max_references, seed=seed)
@@ -98,9 +104,10 @@ def prepare_reference(
     )
     return ReferenceSet(
         cases=chosen,
-        prepared=segmenter.prepare(queries),
+        prepared=segmenter.prepare(standardize(queries, intensity)),
         slices_per_case=counts,
         axis=axis,
+        intensity=intensity,
     )
 
 
@@ -121,7 +128,7 @@ def reverse_segment(
         ]
 
     probabilities = segmenter.segment_prepared(
-        segmenter.prepare(support.images),
+        segmenter.prepare(standardize(support.images, reference.intensity)),
         segmenter.prepare_masks(support.masks),
         reference.prepared,
     )
