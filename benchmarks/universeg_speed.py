@@ -303,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]
     )
     in_channels, out_channels, batch = CEILING_SHAPE
+    busy = max(load_before, load_after) > (os.cpu_count() or 1)
+    load_note = (
+        " The machine was busy with other jobs (load above its core count), so "
+        "every figure, the ceiling included, is below what it gives when idle."
+        if busy
+        else ""
+    )
     markdown = "\n".join(
         [
             "## UniverSeg speed",
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{machine_line()} Device: {device_name}, {precision}, 128 x 128, "
             f"up to {arguments.batch_size} queries per pass, best of "
             f"{arguments.repeats} runs. Load average (1 min) {load_before:.1f} "
-            f"before, {load_after:.1f} after.",
+            f"before, {load_after:.1f} after.{load_note}",
             "",
             f"Weights: {weights_note}.",
             "",
