@@ -53,9 +53,9 @@ def test_a_query_in_the_support_set_gets_its_own_mask(jsrt):
     images, masks = jsrt
     segmenter = create("atlas")
 
-    probabilities = segmenter.segment(images[:8], masks[:8], images[2:4])
+    probabilities = segmenter.segment(images[:8], masks[:8], images[:8])
 
-    for probability, truth in zip(probabilities, masks[2:4], strict=True):
+    for probability, truth in zip(probabilities, masks[:8], strict=True):
         assert dice(probability, truth) > 0.95
 
 
@@ -184,7 +184,8 @@ def test_registration_improves_the_overlap_of_real_pairs(jsrt):
     unregistered = moving_masks.numpy()[:, 0]
     before = [dice(m, t) for m, t in zip(unregistered, fixed_masks, strict=True)]
     after = [dice(m, t) for m, t in zip(warped, fixed_masks, strict=True)]
-    assert np.mean(after) > np.mean(before) + 0.05, (before, after)
+    assert np.mean(after) > np.mean(before) + 0.1, (before, after)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
 
 def test_registering_an_image_to_itself_stays_within_a_fraction_of_a_pixel(jsrt):

@@ -5,7 +5,8 @@ The weight-free in-context segmenter of reverse classification accuracy
 atlas. For each query, the supports most similar to it are registered to it
 (affine, then a smooth deformation), their masks are warped with the same
 transforms, and the warped masks are averaged, weighted by how well each
-warped support image matches the query.
+warped support image matches the query. A query that is itself in the support
+set matches its own copy perfectly, so it gets its own mask back.
 
 All registrations of one call run as one batch (see
 :mod:`spe.segmenters.registration`), which on a CPU is far faster than one
@@ -31,8 +32,10 @@ from spe.segmenters.base import InContextSegmenter, PreparedImages
 from spe.segmenters.registration import (
     RegistrationOptions,
     Size,
+    Transform,
     global_ncc,
     local_ncc,
+    normalise_locally,
     register,
     registration_input_names,
     registration_inputs,
@@ -44,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 #: Side of the downsampled image whose correlation ranks supports for a query.
 DESCRIPTOR_SIDE = 32
+
+#: The :attr:`PreparedImages.features` key of that downsampled image.
+DESCRIPTOR = "atlas_descriptor"
 
 #: Pairs registered per batch: bounds memory (under 1 MB per pair at
 #: 128 x 128) without changing results, since pairs register independently.
@@ -62,13 +68,15 @@ class AtlasSegmenter(InContextSegmenter):
         atlases: supports registered to each query: the most similar ones by
             global NCC at 32 x 32.
         fusion: how a query's warped masks are combined: ``"global"`` weights
-            each atlas by the NCC of its warped image with the query,
-            ``"local"`` weights each pixel by the NCC in a window around it,
+            each atlas by the NCC of its warped image with the query, both
+            first normalised to zero mean and unit deviation in every window
+            (so that structure, not brightness, counts); ``"local"`` weights
+            each pixel by the NCC of the raw images in a window around it;
             ``"vote"`` averages them equally.
         sharpness: weights are ``exp(sharpness * ncc)``, normalised over the
             atlases; larger trusts the best-matching atlases more.
-        fusion_window: side of the window of ``"local"`` fusion, in pixels at
-            the working resolution (odd).
+        fusion_window: side of the window of ``"global"`` and ``"local"``
+            fusion, in pixels at the working resolution (odd).
         affine_shrink: the affine stage runs at the working resolution
             divided by each of these factors, coarse to fine.
         deformable_shrink: the same for the deformable stage; empty for
@@ -87,7 +95,7 @@ class AtlasSegmenter(InContextSegmenter):
         seed: int = 0,
         atlases: int = 8,
         fusion: str = "global",
-        sharpness: float = 20.0,
+        sharpness: float = 10.0,
         fusion_window: int = 15,
         affine_shrink: Sequence[int] = (4, 2),
         deformable_shrink: Sequence[int] = (4, 2),
@@ -196,8 +204,10 @@ class AtlasSegmenter(InContextSegmenter):
 
         Features added, each computed once however often the image is used:
 
-        - ``"descriptor"``: (N, 1024) the image at 32 x 32 with zero mean and
-          unit norm, so that a dot product is the global NCC of two images;
+        - ``"atlas_descriptor"``: (N, 1024) the image at 32 x 32 with zero mean
+          and unit norm, so that a dot product is the global NCC of two images;
+        - ``"atlas_normalisedW"``: (N, 1, H, W) the image normalised over
+          windows of the fusion window's side W, for ``"global"`` fusion;
         - the registration inputs of
           :func:`~spe.segmenters.registration.registration_inputs`.
         """
@@ -214,8 +224,14 @@ class AtlasSegmenter(InContextSegmenter):
         norm = descriptor.norm(dim=1, keepdim=True)
 
         # A constant image has no direction; it stays zero and ranks last.
-        features["descriptor"] = descriptor / norm.clamp_min(1e-8)
+        features[DESCRIPTOR] = descriptor / norm.clamp_min(1e-8)
+
+        features[self._structure_key()] = normalise_locally(pixels, self.fusion_window)
         return features
+
+    def _structure_key(self) -> str:
+        """The features key of the locally normalised image of global fusion."""
+        return f"atlas_normalised{self.fusion_window}"
 
     def _with_features(self, images: PreparedImages) -> PreparedImages:
         """``images`` with this segmenter's features, computed if missing.
@@ -223,7 +239,11 @@ class AtlasSegmenter(InContextSegmenter):
         Images prepared by another segmenter, or by one with other settings,
         lack some of them.
         """
-        needed = [*registration_input_names(self.registration), "descriptor"]
+        needed = [
+            *registration_input_names(self.registration),
+            DESCRIPTOR,
+            self._structure_key(),
+        ]
         if any(name not in images.features for name in needed):
             images.features.update(self._features(images.pixels))
         return images
@@ -250,8 +270,11 @@ class AtlasSegmenter(InContextSegmenter):
 
         # The most similar supports of each query, by global NCC at 32 x 32.
         atlases = min(self.atlases, len(support))
-        similarity = queries.features["descriptor"] @ support.features["descriptor"].T
+        similarity = queries.features[DESCRIPTOR] @ support.features[DESCRIPTOR].T
         chosen = similarity.topk(atlases, dim=1).indices
+        logger.debug(
+            "registering %d atlases to each of %d queries", atlases, len(queries)
+        )
 
         # Every (query, atlas) pair, a query's atlases side by side.
         query_index = torch.arange(len(queries)).repeat_interleave(atlases)
@@ -314,17 +337,34 @@ class AtlasSegmenter(InContextSegmenter):
             warped_masks.append(
                 warp(support_masks[support_batch], transform, padding="zeros")
             )
-            warped_images = warp(support.pixels[support_batch], transform)
-            scores.append(self._score(queries.pixels[query_batch], warped_images))
+            scores.append(
+                self._score(queries, support, query_batch, support_batch, transform)
+            )
         return torch.cat(warped_masks), torch.cat(scores)
 
-    def _score(self, queries: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-        """How well (P, 1, H, W) warped supports match their queries, in [-1, 1]."""
+    def _score(
+        self,
+        queries: PreparedImages,
+        support: PreparedImages,
+        query_index: torch.Tensor,
+        support_index: torch.Tensor,
+        transform: Transform,
+    ) -> torch.Tensor:
+        """How well each warped support matches its query, in [-1, 1].
+
+        Returns:
+            (P, 1, H, W) for ``"local"`` fusion, else (P, 1, 1, 1).
+        """
         if self.fusion == "local":
-            return local_ncc(queries, warped, self.fusion_window)
+            warped = warp(support.pixels[support_index], transform)
+            return local_ncc(queries.pixels[query_index], warped, self.fusion_window)
         if self.fusion == "global":
-            return global_ncc(queries, warped).view(-1, 1, 1, 1)
-        return torch.zeros((len(warped), 1, 1, 1))
+            key = self._structure_key()
+            warped = warp(support.features[key][support_index], transform)
+            return global_ncc(queries.features[key][query_index], warped).view(
+                -1, 1, 1, 1
+            )
+        return torch.zeros((len(query_index), 1, 1, 1))
 
     def _fuse(
         self, warped_masks: torch.Tensor, scores: torch.Tensor, *, atlases: int

@@ -58,7 +58,9 @@ class RegistrationOptions:
             smooth.
         smoothness: weight of the diffusion regulariser, the mean squared
             gradient of the displacement (dimensionless strain).
-        window: side of the square window of local NCC, in pixels (odd).
+        window: side of the square window, in pixels (odd), over which each
+            image is normalised for the deformable stage (see
+            :func:`normalise_locally`).
     """
 
     affine_levels: tuple[Size, ...] = ((32, 32), (64, 64))
@@ -218,7 +220,7 @@ def resize(images: torch.Tensor, size: Size) -> torch.Tensor:
 
 
 def edge_strength(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) gradient magnitude by central differences, same units/pixel.
+    """(N, 1, H, W) gradient magnitude by central differences (intensity/pixel).
 
     Edges rather than intensities drive the affine stage: in ultrasound the
     bright skull or bone outlines say where a structure is, while the
@@ -230,15 +232,24 @@ def edge_strength(images: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(along_x**2 + along_y**2)
 
 
-def level_key(kind: str, size: Size) -> str:
-    """The name of one input of :func:`register`, e.g. ``"edges_32x32"``."""
-    return f"{kind}_{size[0]}x{size[1]}"
+def edges_key(size: Size) -> str:
+    """The name of the edge map at ``size`` among :func:`registration_inputs`."""
+    return f"registration_edges_{size[0]}x{size[1]}"
+
+
+def normalised_key(size: Size, window: int) -> str:
+    """The name of the image normalised over ``window`` at ``size``."""
+    return f"registration_normalised{window}_{size[0]}x{size[1]}"
 
 
 def registration_input_names(options: RegistrationOptions) -> list[str]:
-    """The keys of :func:`registration_inputs` under ``options``."""
-    return [level_key("edges", size) for size in options.affine_levels] + [
-        level_key("normalised", size) for size in options.deformable_levels
+    """The keys of :func:`registration_inputs` under ``options``.
+
+    Each name holds every setting its array depends on, so inputs computed
+    under other options are never mistaken for these.
+    """
+    return [edges_key(size) for size in options.affine_levels] + [
+        normalised_key(size, options.window) for size in options.deformable_levels
     ]
 
 
@@ -251,18 +262,16 @@ def registration_inputs(
     many times computes them once.
 
     Returns:
-        ``"edges_HxW"``: (N, 1, H, W) gradient magnitude at each affine level;
-        ``"normalised_HxW"``: (N, 1, H, W) the image with zero local mean and
-        unit local deviation (see :func:`normalise_locally`) at each
-        deformable level.
+        name -> (N, 1, h, w) array: the gradient magnitude at each affine level
+        (:func:`edges_key`), and the image with zero local mean and unit local
+        deviation at each deformable level (:func:`normalised_key`).
     """
     inputs = {}
     for size in options.affine_levels:
-        inputs[level_key("edges", size)] = edge_strength(resize(images, size))
+        inputs[edges_key(size)] = edge_strength(resize(images, size))
     for size in options.deformable_levels:
-        inputs[level_key("normalised", size)] = normalise_locally(
-            resize(images, size), options.window
-        )
+        normalised = normalise_locally(resize(images, size), options.window)
+        inputs[normalised_key(size, options.window)] = normalised
     return inputs
 
 
@@ -307,10 +316,15 @@ def optimise_affine(
     Starts from the identity and refines coarse to fine; the coarse level's
     blur widens the basin of attraction.
     """
+    # Limitation: the search starts at the identity and only descends, so a
+    # structure shifted by more than about a fifth of the image, or scaled by
+    # more than about 1.5 times, is not found: the mask lands where the
+    # nearest edge match is (polyps in colonoscopy). Retrieval of similar
+    # supports keeps most pairs within reach.
     batch = next(iter(fixed.values())).shape[0]
     affine = identity(batch).affine
     for size in options.affine_levels:
-        key = level_key("edges", size)
+        key = edges_key(size)
 
         def loss(affine: torch.Tensor, key: str = key) -> torch.Tensor:
             warped = warp(moving[key], Transform(affine=affine))
@@ -341,7 +355,7 @@ def optimise_displacement(
     batch = affine.shape[0]
     displacement = None
     for size in options.deformable_levels:
-        key = level_key("normalised", size)
+        key = normalised_key(size, options.window)
         grid_size = tuple(max(2, side // options.control_spacing) for side in size)
         if displacement is None:
             displacement = torch.zeros((batch, 2, *grid_size))
@@ -361,6 +375,9 @@ def optimise_displacement(
             warped = warp(moving[key], Transform(affine, displacement))
             mismatch = (fixed[key] - warped).pow(2).flatten(1).mean(dim=1)
             return scale * (mismatch + options.smoothness * diffusion(displacement))
+
+        # Limitation: nothing keeps the field invertible; with little
+        # smoothness it can fold over, which smears the warped mask.
 
         displacement = descend(
             displacement,
@@ -389,9 +406,9 @@ def descend(
     parameters = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([parameters], lr=learning_rate, eps=GRADIENT_FLOOR)
     for step in range(steps):
-        # Bilinear interpolation kinks the loss at whole-pixel shifts; a
-        # constant step would keep bouncing across such a kink, a shrinking
-        # one settles (an image registered to itself stays put).
+        # Adam's steps stay near the learning rate even at the optimum, so
+        # a constant rate would leave the result jittering by that much; a
+        # rate falling to 0 settles (an image registered to itself stays put).
         optimizer.param_groups[0]["lr"] = learning_rate * (1 - step / steps)
         optimizer.zero_grad(set_to_none=True)
         loss(parameters).sum().backward()
