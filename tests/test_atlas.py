@@ -26,14 +26,23 @@ from spe.segmenters.registration import (
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 JSRT_TRAIN = DATASETS / "jsrt" / "train"
 
-pytestmark = pytest.mark.skipif(
-    not JSRT_TRAIN.is_dir(), reason=f"the shared datasets are not at {DATASETS}"
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run single-threaded: registering a few pairs gains nothing from threads,
+    and on a busy CPU OpenMP's spin-waiting makes its many small steps several
+    times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def jsrt() -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The first 12 JSRT training cases: (128, 128) uint8 images, bool heart masks."""
+    if not JSRT_TRAIN.is_dir():
+        pytest.skip(f"the shared datasets are not at {DATASETS}")
     folder = open_labeled_folder(JSRT_TRAIN)
     case_ids = folder.case_ids[:12]
     images = [read_image(folder.images[case]).array for case in case_ids]
