@@ -11,6 +11,9 @@ import platform
 import tempfile
 from pathlib import Path
 
+# Benchmarks import this module first: no spinning OpenMP threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -15,6 +16,11 @@ from pathlib import Path
 
 from spe import __version__
 from spe.errors import SPEError
+
+# OpenMP threads that spin while waiting slow every torch call many times over
+# when other processes share the cores; passive waiting costs little when
+# they don't. Set before torch is imported; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 logger = logging.getLogger("spe")
 
