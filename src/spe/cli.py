@@ -770,7 +770,23 @@ def results_table(results: dict) -> str:
         f"({results['segmenter']} segmenter, {results['seconds']:.0f} s); "
         f"baselines: training score, prediction area"
     )
-    return title + "\n" + format_table(header, rows)
+    text = title + "\n" + format_table(header, rows)
+    per_image = results.get("per_image")
+    if per_image:
+        rows = [
+            [
+                metric,
+                number(v["pearson_r"]),
+                v["mae"],
+                v["coverage"],
+                number(v["auroc_failure"]),
+            ]
+            for metric, v in per_image.items()
+        ]
+        text += "\nper image (extra_test cases x checkpoints):\n" + format_table(
+            ["metric", "r", "MAE", "coverage", "AUROC Dice<0.7"], rows
+        )
+    return text
 
 
 def add_reproduce_options(
@@ -1010,14 +1026,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG
-        if args.debug
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
+        level=logging.WARNING,
         format="spe: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # Only the package's own logger gets more verbose; libraries stay quiet.
+    if args.debug or args.verbose:
+        logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return int(args.handler(args) or 0)
     except SPEError as error:
