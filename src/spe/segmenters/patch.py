@@ -1,0 +1,681 @@
+"""Non-local patch label fusion: a weight-free in-context segmenter.
+
+For each query, the supports whose thumbnails look most like it are aligned to
+it by a global affine registration; the ones that align best are kept, and
+every query pixel takes the average label of the support pixels near it whose
+patches look like the query's patch there (non-local means label fusion,
+Coupé et al., NeuroImage 2011), each support also weighted by how well it
+aligned as a whole. The fusion runs coarse to fine: the probability map found
+at half resolution becomes an extra feature at full resolution, compared with
+each support's own mask, so the fine level refines the coarse answer instead
+of starting over.
+
+The output follows the support masks: it is a weighted average of them, so
+blank support masks give a blank output and worse support masks give worse
+segmentations, as reverse segmentation needs.
+
+Everything runs on batches of queries with plain torch tensor operations. The
+patch distance of every search offset is a sum of squared feature differences
+summed again over the patch window by shifted additions, so its cost per
+offset does not grow with the number of features times the patch size.
+
+Example::
+
+    segmenter = create("patch", k=6)
+    probabilities = segmenter.segment(support_images, support_masks, queries)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spe.errors import SPEError
+from spe.segmenters.base import InContextSegmenter, PreparedImages
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Constants
+
+#: Side of the thumbnail that ranks supports by similarity to a query.
+DESCRIPTOR_SIDE = 16
+
+#: Keys of :attr:`PreparedImages.features`, namespaced so that other
+#: segmenters' features can sit next to them.
+DESCRIPTOR = "patch_descriptor"
+REGISTRATION_IMAGE = "patch_registration"
+LEVEL_FEATURES = "patch_features_{level}"
+
+#: The registration image is this many times smaller than the working size.
+REGISTRATION_SHRINK = 4
+
+#: Gaussian blur (pixels of the registration image) against speckle and noise.
+REGISTRATION_SIGMA = 1.0
+
+#: Gauss-Newton iterations of the affine registration.
+REGISTRATION_STEPS = 10
+
+#: Levenberg-Marquardt damping relative to each pair's mean curvature: large
+#: enough that a pair that matches poorly moves cautiously instead of jumping.
+REGISTRATION_DAMPING = 1.0
+
+#: Keeps the normal equations solvable for constant images (no gradient).
+CURVATURE_FLOOR = 1e-6
+
+#: Gaussian blur (pixels of each level) before gradients are taken, so that
+#: the gradient features describe edges rather than noise.
+GRADIENT_SIGMA = 1.0
+
+#: Weight of the two gradient features against the intensity in [0, 1].
+#: Smoothed gradients are small numbers (a strong edge is ~0.05 per pixel);
+#: scaled up they tell edges from flat regions of the same brightness, which
+#: raised mean Dice by 1-2 points on chest X-ray and ultrasound.
+GRADIENT_WEIGHT = 8.0
+
+#: Keeps weights finite where a support matches the query exactly (distance
+#: 0), in squared intensity units summed over a patch.
+DISTANCE_FLOOR = 1e-4
+
+#: Floor of the best alignment residual, for the same reason.
+RESIDUAL_FLOOR = 1e-6
+
+#: Elements of the largest intermediate tensor of one batch of queries
+#: (about 16 MB): larger batches gain nothing on a CPU.
+ELEMENTS_PER_BATCH = 4_000_000
+
+
+# ---------------------------------------------------------------------------
+# Small image operations
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur (N, C, H, W) images with a separable Gaussian of ``sigma`` pixels."""
+    if sigma <= 0:
+        return images
+    radius = max(1, round(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+
+    n, c, h, w = images.shape
+    flat = images.reshape(n * c, 1, h, w)
+    flat = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
+    flat = F.conv2d(flat, kernel.view(1, 1, 1, -1))
+    flat = F.pad(flat, (0, 0, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, kernel.view(1, 1, -1, 1))
+    return flat.view(n, c, h, w)
+
+
+def gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences (d/dx, d/dy) of (N, C, H, W) images, per pixel."""
+    if images.shape[-1] < 3 or images.shape[-2] < 3:
+        return torch.zeros_like(images), torch.zeros_like(images)
+    dx = F.pad(images[..., :, 2:] - images[..., :, :-2], (1, 1, 0, 0), mode="replicate")
+    dy = F.pad(images[..., 2:, :] - images[..., :-2, :], (0, 0, 1, 1), mode="replicate")
+    return dx / 2, dy / 2
+
+
+def box_sum(images: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over the (2r+1) x (2r+1) window around each pixel of (..., H, W).
+
+    The window is cut at the border rather than padded, so border pixels sum
+    fewer terms; the fusion only compares sums taken at the same pixel, which
+    all have the same number of terms.
+    """
+    rows = images.clone()
+    for shift in range(1, min(radius, images.shape[-1] - 1) + 1):
+        rows[..., shift:] += images[..., :-shift]
+        rows[..., :-shift] += images[..., shift:]
+    window = rows.clone()
+    for shift in range(1, min(radius, images.shape[-2] - 1) + 1):
+        window[..., shift:, :] += rows[..., :-shift, :]
+        window[..., :-shift, :] += rows[..., shift:, :]
+    return window
+
+
+def standardise(images: torch.Tensor) -> torch.Tensor:
+    """Each (N, C, H, W) image to zero mean and unit variance; flat ones to 0."""
+    if images.numel() == 0:
+        return images
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    spread = images.std(dim=(-2, -1), keepdim=True, correction=0)
+    return (images - mean) / (spread + 1e-3)
+
+
+def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, *size): area averaging down, bilinear up."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    if size[0] <= images.shape[-2] and size[1] <= images.shape[-1]:
+        return F.interpolate(images, size=size, mode="area")
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def pixel_coordinates(size: tuple[int, int]) -> torch.Tensor:
+    """(3, h * w) homogeneous sampling coordinates (x, y, 1) of every pixel.
+
+    The coordinates are torch's normalised ones (``align_corners=False``):
+    -1 to 1 across the image, so a transform found at one size applies
+    unchanged at any other.
+    """
+    h, w = size
+    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten(), torch.ones(h * w)])
+
+
+def warp(images: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
+    """Resample (B, C, H, W) images through (B, 2, 3) backward affine maps."""
+    grid = F.affine_grid(transforms, list(images.shape), align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+# ---------------------------------------------------------------------------
+# Global affine alignment
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Affine alignments of B (query, support) pairs.
+
+    Attributes:
+        transforms: (B, 2, 3) backward maps from query pixel coordinates to
+            support coordinates, in torch's normalised coordinates (see
+            :func:`pixel_coordinates`).
+        residuals: (B,) mean squared difference between the aligned,
+            standardised images (0 = identical; about 2 for unrelated images).
+    """
+
+    transforms: torch.Tensor
+    residuals: torch.Tensor
+
+
+def register_affine(
+    fixed: torch.Tensor, moving: torch.Tensor, *, steps: int = REGISTRATION_STEPS
+) -> Alignment:
+    """Align each moving image to its fixed image with an affine map.
+
+    Gauss-Newton on the sum of squared differences, with Levenberg-Marquardt
+    damping; the pairs never interact, so batching changes no result.
+
+    Args:
+        fixed: (B, 1, h, w) standardised images (queries).
+        moving: (B, 1, h, w) standardised images (supports).
+        steps: Gauss-Newton iterations.
+    """
+    pairs = fixed.shape[0]
+    size = (fixed.shape[-2], fixed.shape[-1])
+    coordinates = pixel_coordinates(size)
+    target = fixed.flatten(1)
+
+    # The moving image and its gradients per normalised coordinate unit,
+    # resampled together at every step.
+    dx, dy = gradients(moving)
+    stacked = torch.cat([moving, dx * (size[1] / 2), dy * (size[0] / 2)], dim=1)
+
+    transforms = torch.eye(2, 3).repeat(pairs, 1, 1)
+    identity = torch.eye(6)
+    for step in range(steps + 1):
+        grid = (transforms @ coordinates).transpose(1, 2).reshape(pairs, *size, 2)
+        sampled = F.grid_sample(
+            stacked, grid, mode="bilinear", padding_mode="border", align_corners=False
+        ).flatten(2)
+        residual = sampled[:, 0] - target
+        if step == steps:
+            break
+
+        # Jacobian of the warped image with respect to the six parameters.
+        jacobian = torch.cat(
+            [sampled[:, 1:2] * coordinates, sampled[:, 2:3] * coordinates], dim=1
+        )
+        curvature = jacobian @ jacobian.transpose(1, 2)
+        slope = (jacobian * residual[:, None]).sum(dim=2)
+
+        # Damping scaled to each pair's own curvature, floored for flat images.
+        scale = curvature.diagonal(dim1=1, dim2=2).mean(dim=1)
+        damping = REGISTRATION_DAMPING * scale + CURVATURE_FLOOR
+        update = torch.linalg.solve(
+            curvature + damping[:, None, None] * identity, slope
+        )
+        transforms = transforms - update.view(pairs, 2, 3)
+    return Alignment(transforms=transforms, residuals=residual.square().mean(dim=1))
+
+
+# ---------------------------------------------------------------------------
+# Label fusion at one level
+
+
+def fuse_labels(
+    query_features: torch.Tensor,
+    support_features: torch.Tensor,
+    support_labels: torch.Tensor,
+    support_weights: torch.Tensor,
+    *,
+    search_radius: int,
+    patch_radius: int,
+    bandwidth: float,
+) -> torch.Tensor:
+    """Non-local means label fusion of supports aligned to their queries.
+
+    Every query pixel x gets sum(w * label) / sum(w) over the K supports and
+    the support pixels x + o of the search window, with
+    w = support_weight * exp(-(d - d_min) / (bandwidth * d_min)), d the
+    squared feature difference summed over the patch and d_min the smallest
+    d at x: the bandwidth adapts to how well the best match fits there.
+
+    Args:
+        query_features: (B, C, H, W) features of B queries.
+        support_features: (B, K, C, H, W) features of each query's K aligned
+            supports.
+        support_labels: (B, K, H, W) their masks, in [0, 1].
+        support_weights: (B, K) weight of each support, in (0, 1].
+        search_radius: half side of the search window, pixels.
+        patch_radius: half side of the patch, pixels.
+        bandwidth: width of the weights relative to the best match's distance.
+
+    Returns:
+        (B, H, W) probabilities in [0, 1].
+    """
+    batch, k, channels, height, width = support_features.shape
+    r = search_radius
+    side = 2 * r + 1
+
+    # Pad once so that every offset of the search window is a plain slice.
+    padded_features = F.pad(
+        support_features.reshape(batch, k * channels, height, width),
+        (r, r, r, r),
+        mode="replicate",
+    ).view(batch, k, channels, height + 2 * r, width + 2 * r)
+    padded_labels = F.pad(support_labels, (r, r, r, r), mode="replicate")
+
+    # Squared feature differences for every offset, summed over the patch.
+    distances = torch.empty(side * side, batch, k, height, width)
+    query = query_features[:, None]
+    for offset in range(side * side):
+        dy, dx = divmod(offset, side)
+        shifted = padded_features[..., dy : dy + height, dx : dx + width]
+        torch.sum((shifted - query).square_(), dim=2, out=distances[offset])
+    distances = box_sum(distances, patch_radius)
+
+    # Weights relative to the best match at each pixel, in place to save memory.
+    best = distances.amin(dim=(0, 2))[None, :, None]
+    weights = distances.sub_(best).div_(bandwidth * best + DISTANCE_FLOOR)
+    weights = weights.neg_().exp_().mul_(support_weights[None, :, :, None, None])
+
+    # The weighted average of the labels under every offset.
+    numerator = torch.zeros(batch, height, width)
+    for offset in range(side * side):
+        dy, dx = divmod(offset, side)
+        shifted = padded_labels[..., dy : dy + height, dx : dx + width]
+        numerator += (weights[offset] * shifted).sum(dim=1)
+    return numerator / weights.sum(dim=(0, 2))
+
+
+# ---------------------------------------------------------------------------
+# The segmenter
+
+
+class PatchFusionSegmenter(InContextSegmenter):
+    """Non-local patch label fusion of the best-aligned similar supports.
+
+    Args:
+        k: supports fused per query (all of them if the support set is
+            smaller).
+        candidates: supports ranked most similar to a query (by thumbnail
+            correlation) that are aligned to it; the k with the smallest
+            alignment residual are fused. At least k.
+        patch_radius: half side of the compared patches, pixels of each level.
+        search_radius: half side of the search window at the coarsest level,
+            pixels of that level.
+        refine_radius: half side of the search window at the finer levels.
+        bandwidth: width of the patch weights relative to the best match's
+            distance at each pixel; larger averages more matches.
+        support_bandwidth: width of the per-support weights relative to the
+            smallest alignment residual among a query's supports; larger
+            weighs the supports more equally.
+        levels: pyramid levels, fused coarse to fine; each halves the size.
+        align: align each support to the query (affine) before fusion.
+        prior_weight: weight of the coarser level's probability map among the
+            features of the finer level (0: each level starts afresh).
+        image_size: working resolution (height, width).
+        seed: kept for the interface; the method draws no random numbers.
+    """
+
+    name = "patch"
+
+    def __init__(
+        self,
+        *,
+        k: int = 6,
+        candidates: int = 12,
+        patch_radius: int = 1,
+        search_radius: int = 2,
+        refine_radius: int = 1,
+        bandwidth: float = 2.0,
+        support_bandwidth: float = 0.5,
+        levels: int = 2,
+        align: bool = True,
+        prior_weight: float = 0.5,
+        image_size: tuple[int, int] = (128, 128),
+        seed: int = 0,
+    ) -> None:
+        super().__init__(image_size=image_size, seed=seed)
+        self.k = int(k)
+        self.candidates = int(candidates)
+        self.patch_radius = int(patch_radius)
+        self.search_radius = int(search_radius)
+        self.refine_radius = int(refine_radius)
+        self.bandwidth = float(bandwidth)
+        self.support_bandwidth = float(support_bandwidth)
+        self.levels = int(levels)
+        self.align = bool(align)
+        self.prior_weight = float(prior_weight)
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Raise SPEError naming the first option out of range."""
+        limits = {
+            "k": (self.k, 1),
+            "candidates": (self.candidates, 1),
+            "patch_radius": (self.patch_radius, 0),
+            "search_radius": (self.search_radius, 0),
+            "refine_radius": (self.refine_radius, 0),
+            "levels": (self.levels, 1),
+            "prior_weight": (self.prior_weight, 0),
+        }
+        for option, (value, lowest) in limits.items():
+            if value < lowest:
+                message = (
+                    f"patch segmenter option {option}={value} is out of range; "
+                    f"use a value >= {lowest}"
+                )
+                raise SPEError(message)
+        for option in ("bandwidth", "support_bandwidth"):
+            value = getattr(self, option)
+            if not value > 0:
+                message = (
+                    f"patch segmenter option {option}={value} is out of range; "
+                    f"use a number > 0"
+                )
+                raise SPEError(message)
+        if min(self.image_size) < 1:
+            message = (
+                f"patch segmenter image_size={list(self.image_size)} is out of "
+                f"range; use a positive height and width"
+            )
+            raise SPEError(message)
+
+    def settings(self) -> dict[str, Any]:
+        """Every option that changes the output, JSON-serialisable."""
+        return super().settings() | {
+            "k": self.k,
+            "candidates": self.candidates,
+            "patch_radius": self.patch_radius,
+            "search_radius": self.search_radius,
+            "refine_radius": self.refine_radius,
+            "bandwidth": self.bandwidth,
+            "support_bandwidth": self.support_bandwidth,
+            "levels": self.levels,
+            "align": self.align,
+            "prior_weight": self.prior_weight,
+        }
+
+    # -- sizes ----------------------------------------------------------------
+
+    def level_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each pyramid level, coarsest first."""
+        height, width = self.image_size
+        return [
+            (max(1, height >> level), max(1, width >> level))
+            for level in reversed(range(self.levels))
+        ]
+
+    def registration_size(self) -> tuple[int, int]:
+        """(height, width) at which supports are aligned to queries."""
+        height, width = self.image_size
+        return (
+            max(1, height // REGISTRATION_SHRINK),
+            max(1, width // REGISTRATION_SHRINK),
+        )
+
+    # -- preprocessing --------------------------------------------------------
+
+    def prepare(self, images: Sequence[np.ndarray]) -> PreparedImages:
+        """Prepared images with what retrieval, alignment and fusion read.
+
+        Features added, each computed once however often the image is used:
+
+        - ``patch_descriptor``: (N, 256) zero-mean, unit-norm 16 x 16
+          thumbnail; the dot product of two ranks their similarity;
+        - ``patch_registration``: (N, 1, H/4, W/4) blurred, standardised image
+          for the affine alignment;
+        - ``patch_features_{level}``: (N, 3, h, w) per pyramid level (0 is
+          the coarsest): intensity in [0, 1] and its weighted, smoothed x and
+          y gradients.
+        """
+        prepared = super().prepare(images)
+        self._add_features(prepared)
+        return prepared
+
+    def _add_features(self, prepared: PreparedImages) -> None:
+        """Compute this segmenter's features of ``prepared`` in place."""
+        pixels = prepared.pixels
+
+        thumbnail = F.adaptive_avg_pool2d(pixels, DESCRIPTOR_SIDE).flatten(1)
+        thumbnail = thumbnail - thumbnail.mean(dim=1, keepdim=True)
+        norms = thumbnail.norm(dim=1, keepdim=True)
+        prepared.features[DESCRIPTOR] = thumbnail / norms.clamp_min(1e-6)
+
+        small = resize_to(pixels, self.registration_size())
+        registration = standardise(gaussian_blur(small, REGISTRATION_SIGMA))
+        prepared.features[REGISTRATION_IMAGE] = registration
+
+        for level, size in enumerate(self.level_sizes()):
+            level_pixels = resize_to(pixels, size)
+            dx, dy = gradients(gaussian_blur(level_pixels, GRADIENT_SIGMA))
+            features = [level_pixels, GRADIENT_WEIGHT * dx, GRADIENT_WEIGHT * dy]
+            prepared.features[LEVEL_FEATURES.format(level=level)] = torch.cat(
+                features, dim=1
+            )
+
+    def _with_features(self, images: PreparedImages) -> PreparedImages:
+        """``images`` with this segmenter's features (computed if missing)."""
+        names = [DESCRIPTOR, REGISTRATION_IMAGE]
+        names += [LEVEL_FEATURES.format(level=i) for i in range(self.levels)]
+        if all(name in images.features for name in names):
+            return images
+        if tuple(images.pixels.shape[-2:]) != self.image_size:
+            message = (
+                f"images were prepared at {tuple(images.pixels.shape[-2:])} but "
+                f"this segmenter works at {self.image_size}; prepare them with it"
+            )
+            raise SPEError(message)
+        completed = PreparedImages(
+            pixels=images.pixels,
+            sizes=list(images.sizes),
+            features=dict(images.features),
+        )
+        self._add_features(completed)
+        return completed
+
+    # -- segmentation ---------------------------------------------------------
+
+    def segment_prepared(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+    ) -> torch.Tensor:
+        """Foreground probabilities of each query from its best supports.
+
+        Args:
+            support: S prepared support images.
+            support_masks: (S, 1, H, W) float32 masks in [0, 1].
+            queries: Q prepared query images.
+
+        Returns:
+            (Q, H, W) float32 probabilities in [0, 1] at the working resolution.
+        """
+        if len(support) == 0:
+            raise SPEError("the support set is empty; give at least one image and mask")
+        if len(queries) == 0:
+            return torch.zeros((0, *self.image_size), dtype=torch.float32)
+        support = self._with_features(support)
+        queries = self._with_features(queries)
+
+        # The candidates whose thumbnails correlate best with each query.
+        n_candidates = min(max(self.candidates, self.k), len(support))
+        similarity = queries.features[DESCRIPTOR] @ support.features[DESCRIPTOR].T
+        candidates = similarity.topk(n_candidates, dim=1).indices
+        return self._fuse(support, support_masks, queries, candidates)
+
+    def segment_paired(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+    ) -> torch.Tensor:
+        """Segment query i with support member i alone, for all N pairs at once.
+
+        Returns:
+            (N, H, W) float32 probabilities in [0, 1] at the working resolution.
+        """
+        if len(support) != len(queries):
+            raise ValueError("segment_paired needs as many supports as queries")
+        if len(queries) == 0:
+            return torch.zeros((0, *self.image_size), dtype=torch.float32)
+        support = self._with_features(support)
+        queries = self._with_features(queries)
+        pairs = torch.arange(len(queries))[:, None]
+        return self._fuse(support, support_masks, queries, pairs)
+
+    def _fuse(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+        candidates: torch.Tensor,
+    ) -> torch.Tensor:
+        """Align each query's candidates, keep the best k, fuse their labels.
+
+        Args:
+            candidates: (Q, C) indices into ``support`` for each query.
+
+        Returns:
+            (Q, H, W) probabilities in [0, 1].
+        """
+        n_queries, n_candidates = candidates.shape
+
+        # Align every candidate to its query (or leave it in place).
+        fixed = queries.features[REGISTRATION_IMAGE]
+        fixed = fixed.repeat_interleave(n_candidates, dim=0)
+        moving = support.features[REGISTRATION_IMAGE][candidates.flatten()]
+        if self.align:
+            alignment = register_affine(fixed, moving)
+        else:
+            residuals = (moving - fixed).square().flatten(1).mean(dim=1)
+            alignment = Alignment(torch.eye(2, 3).repeat(len(moving), 1, 1), residuals)
+        transforms = alignment.transforms.view(n_queries, n_candidates, 2, 3)
+        residuals = alignment.residuals.view(n_queries, n_candidates)
+
+        # Keep the k candidates that align best.
+        k = min(self.k, n_candidates)
+        residuals, kept = residuals.topk(k, dim=1, largest=False)
+        neighbours = candidates.gather(1, kept)
+        transforms = transforms[torch.arange(n_queries)[:, None], kept]
+
+        # Weigh them by their residual relative to the best one.
+        best = residuals[:, :1].clamp_min(RESIDUAL_FLOOR)
+        support_weights = torch.exp(
+            -(residuals - best) / (self.support_bandwidth * best)
+        )
+
+        # Batches of queries whose largest tensor stays about the same size.
+        per_query = 0
+        for level, (height, width) in enumerate(self.level_sizes()):
+            radius = self.search_radius if level == 0 else self.refine_radius
+            per_query = max(per_query, (2 * radius + 1) ** 2 * k * height * width)
+        batch_size = max(1, ELEMENTS_PER_BATCH // per_query)
+
+        results = []
+        for start in range(0, n_queries, batch_size):
+            batch = slice(start, start + batch_size)
+            results.append(
+                self._fuse_batch(
+                    support,
+                    support_masks,
+                    queries.subset(range(start, min(start + batch_size, n_queries))),
+                    neighbours[batch],
+                    transforms[batch],
+                    support_weights[batch],
+                )
+            )
+        return torch.cat(results).clamp_(0, 1)
+
+    def _fuse_batch(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+        neighbours: torch.Tensor,
+        transforms: torch.Tensor,
+        support_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Coarse-to-fine fusion for B queries and their K supports each.
+
+        Args:
+            neighbours: (B, K) support indices.
+            transforms: (B, K, 2, 3) their alignments to the queries.
+            support_weights: (B, K) their weights.
+
+        Returns:
+            (B, H, W) probabilities at the working resolution.
+        """
+        batch, k = neighbours.shape
+        pairs = neighbours.flatten()
+        pair_transforms = transforms.flatten(0, 1)
+
+        probabilities = None
+        for level, size in enumerate(self.level_sizes()):
+            name = LEVEL_FEATURES.format(level=level)
+            query_features = queries.features[name]
+
+            # The supports' features and masks seen from each query's frame.
+            support_features = support.features[name][pairs]
+            labels = resize_to(support_masks[pairs], size)
+            if self.align:
+                support_features = warp(support_features, pair_transforms)
+                labels = warp(labels, pair_transforms)
+            support_features = support_features.unflatten(0, (batch, k))
+            labels = labels.view(batch, k, *size)
+
+            # The coarser answer as a feature, compared with the supports' masks.
+            if probabilities is not None and self.prior_weight > 0:
+                prior = resize_to(probabilities[:, None], size)
+                query_features = torch.cat(
+                    [query_features, self.prior_weight * prior], dim=1
+                )
+                support_features = torch.cat(
+                    [support_features, self.prior_weight * labels[:, :, None]], dim=2
+                )
+
+            probabilities = fuse_labels(
+                query_features,
+                support_features,
+                labels,
+                support_weights,
+                search_radius=self.search_radius if level == 0 else self.refine_radius,
+                patch_radius=self.patch_radius,
+                bandwidth=self.bandwidth,
+            )
+        return probabilities
