@@ -47,7 +47,13 @@ from spe.pipeline import (
     segmenter_record,
 )
 from spe.segmenters import InContextSegmenter
-from spe.unet import TrainedModel, TrainingSettings, predict, train_unet
+from spe.unet import (
+    TrainedModel,
+    TrainingSettings,
+    network_inputs,
+    predict,
+    train_unet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +220,11 @@ def train_and_predict(
     # 2. Validation scores of every saved checkpoint; keep n spread over Dice.
     clock = time.perf_counter()
     validation = []
+    validation_inputs = network_inputs(model, data.validation)
     for index in wrap(range(len(model.checkpoints)), desc="validating checkpoints"):
         predicted = data.validation.with_masks(
-            predict(model, index, data.validation), "validation"
+            predict(model, index, data.validation, inputs=validation_inputs),
+            "validation",
         )
         validation.append(
             compute_real(predicted, data.validation, data.classes, hd95=settings.hd95)
@@ -231,6 +239,10 @@ def train_and_predict(
     # 3. Predictions and real metrics of every chosen checkpoint on both sets.
     clock = time.perf_counter()
     records = []
+    inputs = {
+        "test": network_inputs(model, data.test),
+        "extra_test": network_inputs(model, data.extra_test),
+    }
     for index in wrap(chosen, desc="predicting"):
         record = CheckpointRecord(
             name=f"step{model.steps[index]}",
@@ -238,7 +250,8 @@ def train_and_predict(
             validation=validation[index],
         )
         for split, truth in (("test", data.test), ("extra_test", data.extra_test)):
-            predicted = truth.with_masks(predict(model, index, truth), split)
+            masks = predict(model, index, truth, inputs=inputs[split])
+            predicted = truth.with_masks(masks, split)
             record.predictions[split] = {c.case_id: c.mask for c in predicted.cases}
             record.real[split] = compute_real(
                 predicted, truth, data.classes, hd95=settings.hd95

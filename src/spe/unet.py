@@ -255,32 +255,61 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # Prediction
 
 
+@dataclass
+class NetworkInputs:
+    """Cases made ready for the network once, reused for every checkpoint.
+
+    Attributes:
+        images: (N, C, size, size) normalised 2-D images or slices.
+        shapes: each slice's own (height, width), to upsample back to.
+    """
+
+    images: torch.Tensor
+    shapes: list[tuple[int, int]]
+
+
+def network_inputs(model: TrainedModel, cases: CaseSet) -> NetworkInputs:
+    """Every 2-D image or slice of every case, resized and normalised."""
+    slices = [image for case in cases.cases for image, _ in slices_of(case, model.axis)]
+    images, _ = to_tensors(
+        [(image, None) for image in slices], model.classes, model.settings.image_size
+    )
+    return NetworkInputs(images, [image.shape[:2] for image in slices])
+
+
 def predict(
     model: TrainedModel,
     checkpoint: int,
     cases: CaseSet,
     *,
+    inputs: NetworkInputs | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Label maps (uint8, class labels) of every case at its own shape."""
+    """Label maps (uint8, class labels) of every case at its own shape.
+
+    Args:
+        inputs: ``network_inputs(model, cases)``, when already computed.
+    """
     network = model.network
     network.load_state_dict(model.checkpoints[checkpoint])
     network.eval()
     labels = np.asarray([0, *model.classes], dtype=np.uint8)
+    inputs = inputs or network_inputs(model, cases)
 
-    # Every 2-D image or slice of every case goes through in large batches.
-    slices = [image for case in cases.cases for image, _ in slices_of(case, model.axis)]
-    images, _ = to_tensors(
-        [(image, None) for image in slices], model.classes, model.settings.image_size
-    )
-    per_slice = []
+    per_slice: list[np.ndarray] = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            logits = network(images[start : start + batch_size])
-            for offset, single in enumerate(logits):
-                shape = slices[start + offset].shape[:2]
-                upsampled = F.interpolate(single[None], size=shape, mode="bilinear")
-                per_slice.append(labels[upsampled[0].argmax(dim=0).numpy()])
+        for start in range(0, len(inputs.images), batch_size):
+            logits = network(inputs.images[start : start + batch_size])
+            shapes = inputs.shapes[start : start + batch_size]
+
+            # Slices of one shape are upsampled together.
+            classes = [None] * len(shapes)
+            for shape in set(shapes):
+                members = [i for i, s in enumerate(shapes) if s == shape]
+                upsampled = F.interpolate(logits[members], size=shape, mode="bilinear")
+                for member, index in zip(members, upsampled.argmax(dim=1), strict=True):
+                    classes[member] = labels[index.numpy()]
+            per_slice.extend(classes)
 
     predictions, start = {}, 0
     for case in cases.cases:
