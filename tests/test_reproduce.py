@@ -1,0 +1,107 @@
+"""`spe reproduce` on real data with tiny settings: outputs, names, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spe.cli import main
+from spe.reproduce import choose_checkpoints, spread_indices
+
+QUICK = [
+    "--epochs",
+    "2",
+    "--image-size",
+    "32",
+    "--width",
+    "8",
+    "--checkpoints",
+    "5",
+    "--max-references",
+    "8",
+    "--per-image-checkpoints",
+    "2",
+    "--per-image-max-cases",
+    "6",
+    "--k",
+    "3",
+    "--segmenter",
+    "patch",
+    "-q",
+]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, datasets):
+    outputs = []
+    for run in range(2):
+        out = tmp_path_factory.mktemp(f"reproduce{run}")
+        assert (
+            main(
+                [
+                    "reproduce",
+                    "--dataset",
+                    str(datasets / "jsrt"),
+                    "--out",
+                    str(out),
+                    *QUICK,
+                ]
+            )
+            == 0
+        )
+        outputs.append(out)
+    return outputs
+
+
+def test_results_have_the_documented_names(two_runs):
+    results = json.loads((two_runs[0] / "results.json").read_text())
+    assert results["dataset"] == "jsrt" and results["segmenter"] == "patch"
+    assert results["seconds"] > 0
+    for metric in ("dice", "jaccard", "precision", "recall", "pearson", "hd95"):
+        scores = results["dataset_level"][metric]
+        assert set(scores) >= {"pearson_r", "mae", "n_checkpoints"}
+        assert scores["n_checkpoints"] == 5
+        for baseline in ("training_score", "prediction_area"):
+            assert set(results["baselines"][baseline][metric]) >= {"pearson_r", "mae"}
+        assert set(results["per_image"][metric]) >= {
+            "pearson_r",
+            "mae",
+            "coverage",
+            "auroc_failure",
+        }
+    assert (two_runs[0] / "results.csv").read_text().startswith("checkpoint,step,")
+    for metric in ("dice", "hd95"):
+        assert (two_runs[0] / f"scatter_{metric}.png").stat().st_size > 1000
+
+
+def test_same_seed_same_results(two_runs):
+    first, second = (json.loads((out / "results.json").read_text()) for out in two_runs)
+    for results in (first, second):
+        for name in ("seconds", "timings", "peak_memory_mb", "per_image_settings"):
+            results.pop(name)
+    assert first == second
+
+
+def test_checkpoints_spread_over_validation_dice():
+    dice = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8]
+    chosen = choose_checkpoints(dice, 3)
+    assert sorted(dice[i] for i in chosen) == [0.1, 0.5, 0.9]
+    assert spread_indices(10, 3) == [0, 4, 9]  # 4.5 rounds to even
+    assert spread_indices(2, 5) == [0, 1]
+
+
+def test_missing_split_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    code = main(
+        [
+            "reproduce",
+            "--dataset",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            *QUICK,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "missing test, extra_test" in err
