@@ -192,3 +192,44 @@ def test_console_command_has_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_one_class_of_a_label_map_is_scored_alone(tmp_path, capsys):
+    truth = np.zeros((32, 32), np.uint8)
+    truth[4:12, 4:12] = 1
+    truth[20:28, 20:28] = 2
+    prediction = truth.copy()
+    prediction[prediction == 2] = 0  # class 2 missed entirely
+    save(tmp_path / "gt", "a", truth)
+    save(tmp_path / "pred", "a", prediction)
+    args = ["--predictions", str(tmp_path / "pred"), "--labels", str(tmp_path / "gt")]
+    only_one = run_json(capsys, *args, "--classes", "1")
+    assert only_one["mean"]["1"]["dice"] == 1.0
+    both = run_json(capsys, *args)
+    assert both["mean"]["2"]["dice"] == 0.0
+    code, message = errors_of(capsys, *args, "--classes", "3")
+    assert code == 2 and "class 3 is not in" in message
+
+
+def test_mixed_binary_encodings_are_one_task(tmp_path, capsys):
+    mask = square((20, 20), np.s_[5:15, 5:15])
+    save(tmp_path / "gt", "a", mask * 255)
+    save(tmp_path / "gt", "b", mask)
+    save(tmp_path / "pred", "a", mask)
+    save(tmp_path / "pred", "b", mask * 255)
+    summary = run_json(
+        capsys,
+        "--predictions",
+        str(tmp_path / "pred"),
+        "--labels",
+        str(tmp_path / "gt"),
+    )
+    assert summary["classes"] == ["1"] and summary["mean"]["1"]["dice"] == 1.0
+
+
+def test_intensity_images_as_labels_are_refused(tmp_path, capsys, datasets):
+    images = datasets / "jsrt" / "test" / "images"
+    code, message = errors_of(
+        capsys, "--predictions", str(images), "--labels", str(images)
+    )
+    assert code == 2 and "looks like intensity images" in message

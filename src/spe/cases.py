@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from spe import io
 from spe.errors import SPEError
+from spe.metrics import binarize, task_classes
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,58 @@ class CaseSet:
             for case in self.cases
         ]
         return CaseSet(cases=cases, source=source)
+
+
+def resolve_task(
+    truth_sets: Sequence[CaseSet], classes: Sequence[int] | None = None
+) -> tuple[list[int], bool]:
+    """The classes of a task, from ground truth; binary masks become 0/1.
+
+    Masks whose nonzero values are one number (or 1 and 255, from mixed 0/1
+    and 0/255 files) are a binary task: class 1. Their masks are rewritten
+    as 0/1 in place, so every later step compares label k with label k.
+
+    Args:
+        truth_sets: case sets whose masks are ground truth, from one task.
+        classes: the classes asked for, or None for all found.
+
+    Returns:
+        (classes, whether the task is binary).
+
+    Raises:
+        SPEError: a class asked for is not in the labels, or the labels hold
+            so many values that they look like intensity images.
+    """
+    classes, binary = task_classes(
+        [case.mask for cases in truth_sets for case in cases.cases],
+        classes,
+        source=", ".join(cases.source for cases in truth_sets),
+    )
+    if binary:
+        for cases in truth_sets:
+            for case in cases.cases:
+                case.mask = binarize(case.mask)
+    return classes, binary
+
+
+def with_binary_masks(cases: CaseSet, binary: bool) -> CaseSet:
+    """For a binary task, the same cases with masks as 0/1 (``value > 0``)."""
+    if not binary:
+        return cases
+    return CaseSet(
+        cases=[
+            Case(
+                c.case_id,
+                c.image,
+                c.spacing,
+                None if c.mask is None else binarize(c.mask),
+            )
+            for c in cases.cases
+        ],
+        source=cases.source,
+        fingerprint=cases.fingerprint,
+        files=cases.files,
+    )
 
 
 def _file_digest(path: Path) -> str:

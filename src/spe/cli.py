@@ -405,11 +405,18 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
 
     Returns:
         (the target cases with predictions as masks, the ground truth cases
-        or None, the DatasetEstimate, the segmenter).
+        or None, the DatasetEstimate, the segmenter, the calibration). For a
+        binary task both mask sets are 0/1.
     """
     from spe.calibration import Calibration
-    from spe.cases import load_images, load_labeled, read_predictions
-    from spe.pipeline import estimate
+    from spe.cases import (
+        load_images,
+        load_labeled,
+        read_predictions,
+        resolve_task,
+        with_binary_masks,
+    )
+    from spe.pipeline import estimate, settings_from_calibration
 
     calibration = Calibration.load(args.calibration)
     segmenter = make_segmenter(args, record=calibration.segmenter)
@@ -418,11 +425,15 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
     truth = None
     if labeled:
         truth = load_labeled(args.target, labels_name=args.labels_name)
+        _, classes = settings_from_calibration(calibration)
+        _, binary = resolve_task([truth], classes)
         target = truth
     else:
         target = load_images(args.images)
-    target = target.with_masks(
-        read_predictions(args.predictions, target), "predictions"
+        binary = False  # estimate() decides from the reference labels
+    target = with_binary_masks(
+        target.with_masks(read_predictions(args.predictions, target), "predictions"),
+        binary,
     )
     result = estimate(
         segmenter,
@@ -434,7 +445,7 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
         flag_threshold=args.flag_threshold,
         progress=lambda items: progress_bar(args)(items, desc="per-image"),
     )
-    return target, truth, result, segmenter
+    return target, truth, result, segmenter, calibration
 
 
 def estimate_output(args, target, result, segmenter) -> dict:
@@ -508,7 +519,7 @@ def print_estimates(output: dict) -> None:
 def run_estimate(args: argparse.Namespace) -> int:
     from spe.outputs import dumps_json
 
-    target, _, result, segmenter = estimate_from_args(args)
+    target, _, result, segmenter, _ = estimate_from_args(args)
     output = estimate_output(args, target, result, segmenter)
     write_estimate_files(args, output, result)
     if args.json:
@@ -519,13 +530,14 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from spe.calibration import Calibration
     from spe.outputs import dumps_json, write_json_atomic
     from spe.per_image import evaluate_per_image, real_per_case
     from spe.pipeline import compute_real, settings_from_calibration
 
-    target, truth, result, segmenter = estimate_from_args(args, labeled=True)
-    settings, classes = settings_from_calibration(Calibration.load(args.calibration))
+    target, truth, result, segmenter, calibration = estimate_from_args(
+        args, labeled=True
+    )
+    settings, classes = settings_from_calibration(calibration)
     real = compute_real(target, truth, classes, hd95=settings.hd95)
     output = estimate_output(args, target, result, segmenter)
     dataset_level = {}

@@ -60,15 +60,9 @@ def foreground_fraction(
     predictions: CaseSet, classes: Sequence[int]
 ) -> dict[str, float]:
     """Mean fraction of pixels predicted as each class (and their mean)."""
-    binary = list(classes) == [1]
     fractions = {
         str(label): float(
-            np.mean(
-                [
-                    class_mask(case.mask, label, binary=binary).mean()
-                    for case in predictions.cases
-                ]
-            )
+            np.mean([class_mask(case.mask, label).mean() for case in predictions.cases])
         )
         for label in classes
     }

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from spe.errors import SPEError
+
 OVERLAP_METRICS = ("dice", "jaccard", "precision", "recall", "pearson")
 DISTANCE_METRICS = ("hd95", "assd")
 METRIC_NAMES = OVERLAP_METRICS + DISTANCE_METRICS
@@ -219,23 +221,81 @@ def _pearson(tp: int, fp: int, fn: int, tn: int) -> float:
 # Label maps
 
 
-def find_classes(label_maps: Iterable[np.ndarray]) -> list[int]:
-    """The class labels of a task: [1] for binary masks, else the labels seen.
+# More distinct labels than this in ground truth means intensity images were
+# given where masks were expected.
+MAX_CLASSES = 32
 
-    Masks whose only nonzero value is one number (0/1 or 0/255) are a binary
-    task, scored as class 1 with foreground ``value > 0``.
-    """
+
+def labels_seen(label_maps: Iterable[np.ndarray]) -> set[int]:
+    """Every nonzero value in a set of label maps."""
     seen: set[int] = set()
     for label_map in label_maps:
         seen.update(int(v) for v in np.unique(label_map) if v != 0)
-    if len(seen) <= 1:
-        return [1]
-    return sorted(seen)
+    return seen
 
 
-def class_mask(label_map: np.ndarray, label: int, *, binary: bool) -> np.ndarray:
-    """Boolean mask of one class; in a binary task every nonzero value counts."""
-    return label_map > 0 if binary else label_map == label
+def is_binary_task(seen: set[int]) -> bool:
+    """Whether masks with these nonzero values are binary (0/1, 0/255, mixed)."""
+    return len(seen) <= 1 or seen <= {1, 255}
+
+
+def find_classes(label_maps: Iterable[np.ndarray]) -> list[int]:
+    """The class labels of a task: [1] for binary masks, else the labels seen.
+
+    Masks whose nonzero values are one number, or 1 and 255 (0/1 and 0/255
+    files mixed), are a binary task: class 1, foreground ``value > 0``.
+    """
+    seen = labels_seen(label_maps)
+    return [1] if is_binary_task(seen) else sorted(seen)
+
+
+def task_classes(
+    label_maps: Sequence[np.ndarray],
+    classes: Sequence[int] | None = None,
+    *,
+    source: str = "the labels",
+) -> tuple[list[int], bool]:
+    """(classes, binary) of a task from its ground-truth label maps.
+
+    Args:
+        label_maps: every ground-truth mask of the task.
+        classes: the classes asked for, or None for every class found.
+        source: names the labels in error messages.
+
+    Raises:
+        SPEError: a class asked for is not in the labels, or the labels hold
+            so many values that they look like intensity images.
+    """
+    seen = labels_seen(label_maps)
+    binary = is_binary_task(seen)
+    if not binary and len(seen) > MAX_CLASSES:
+        message = (
+            f"{source}: the labels hold {len(seen)} different values, which looks "
+            f"like intensity images rather than masks; check the labels folder"
+        )
+        raise SPEError(message)
+    found = [1] if binary else sorted(seen)
+    if classes is None:
+        return found, binary
+    missing = [label for label in classes if label not in found]
+    if missing:
+        kind = "binary masks (class 1)" if binary else f"classes {found}"
+        message = (
+            f"class {', '.join(map(str, missing))} is not in {source}, which hold "
+            f"{kind}; fix --classes"
+        )
+        raise SPEError(message)
+    return list(classes), binary
+
+
+def binarize(label_map: np.ndarray) -> np.ndarray:
+    """A binary task's mask as 0/1 uint8: every nonzero value is foreground."""
+    return (label_map > 0).astype(np.uint8)
+
+
+def class_mask(label_map: np.ndarray, label: int) -> np.ndarray:
+    """Boolean mask of one class (binary tasks are stored 0/1, see binarize)."""
+    return label_map == label
 
 
 def label_metrics(
@@ -247,12 +307,11 @@ def label_metrics(
     hd95: str = "max",
     distances: bool = True,
 ) -> dict[int, dict[str, float]]:
-    """Metrics per class of one case; ``classes == [1]`` is a binary task."""
-    binary = list(classes) == [1]
+    """Metrics per class of one case (label k against label k)."""
     return {
         label: binary_metrics(
-            class_mask(prediction, label, binary=binary),
-            class_mask(truth, label, binary=binary),
+            class_mask(prediction, label),
+            class_mask(truth, label),
             spacing=spacing,
             hd95=hd95,
             distances=distances,

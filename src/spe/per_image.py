@@ -135,7 +135,6 @@ def reverse_scores(
     target: CaseSet,
     label: int,
     *,
-    binary: bool,
     k: int = 8,
     threshold: float = 0.5,
     hd95: str = "max",
@@ -159,7 +158,7 @@ def reverse_scores(
         standardize([case.image for case in target.cases], reference.intensity)
     )
     support_masks = segmenter.prepare_masks(
-        [class_mask(case.mask, label, binary=binary) for case in target.cases]
+        [class_mask(case.mask, label) for case in target.cases]
     )
     neighbours = nearest(descriptor(support.pixels), reference.descriptors, k)
     k = neighbours.shape[1]
@@ -184,7 +183,7 @@ def reverse_scores(
             case = reference.cases.cases[int(reference_index[pair])]
             values = binary_metrics(
                 probability >= threshold,
-                class_mask(case.mask, label, binary=binary),
+                class_mask(case.mask, label),
                 spacing=case.spacing,
                 hd95=hd95,
             )
@@ -432,7 +431,6 @@ def collect_scores(
     progress: Callable | None = None,
 ) -> dict[str, np.ndarray]:
     """Class key -> sorted reverse scores (n_cases, k, n_metrics) of a target set."""
-    binary = list(classes) == [1]
     descriptor = make_descriptor(settings.descriptor)
     return {
         str(label): reverse_scores(
@@ -440,7 +438,6 @@ def collect_scores(
             reference,
             target,
             label,
-            binary=binary,
             k=settings.k,
             threshold=threshold,
             hd95=hd95,
@@ -455,14 +452,13 @@ def real_per_case(
     predictions: CaseSet, truth: CaseSet, classes: Sequence[int], *, hd95: str
 ) -> dict[str, np.ndarray]:
     """Class key -> real metrics (n_cases, n_metrics); inf counts as the diagonal."""
-    binary = list(classes) == [1]
     real = {}
     for label in classes:
         rows = []
         for predicted, true in zip(predictions.cases, truth.cases, strict=True):
             values = binary_metrics(
-                class_mask(predicted.mask, label, binary=binary),
-                class_mask(true.mask, label, binary=binary),
+                class_mask(predicted.mask, label),
+                class_mask(true.mask, label),
                 spacing=true.spacing,
                 hd95=hd95,
             )

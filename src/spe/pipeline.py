@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from spe.calibration import Calibration, apply_map
-from spe.cases import CaseSet
+from spe.cases import CaseSet, resolve_task, with_binary_masks
 from spe.errors import SPEError
 from spe.intensity import INTENSITY_MODES
-from spe.metrics import find_classes, summarize_class
+from spe.metrics import summarize_class
 from spe.per_image import (
     PerImageSettings,
     collect_scores,
@@ -139,7 +139,6 @@ def compute_pseudo(
 
     One support set per class (and per repetition, averaged).
     """
-    binary = list(classes) == [1]
     axis = settings.axis_for(target)
     scores: ClassScores = {}
     support_info: dict[str, dict[str, Any]] = {}
@@ -149,7 +148,6 @@ def compute_pseudo(
             support = select_support(
                 target,
                 label,
-                binary=binary,
                 min_area=settings.min_area,
                 max_support=settings.max_support,
                 seed=settings.seed,
@@ -161,7 +159,6 @@ def compute_pseudo(
                 reference,
                 support,
                 label,
-                binary=binary,
                 threshold=settings.threshold,
                 hd95=settings.hd95,
             )
@@ -205,13 +202,6 @@ def compute_real(
         )
         scores[str(label)] = {m: summary.mean[m] for m in PIPELINE_METRICS}
     return add_class_mean(scores, classes)
-
-
-def resolve_classes(reference: CaseSet, classes: Sequence[int] | None) -> list[int]:
-    """The classes to estimate: given, or found in the reference labels."""
-    if classes is not None:
-        return list(classes)
-    return find_classes(case.mask for case in reference.cases)
 
 
 def prepare_references(
@@ -273,7 +263,7 @@ def calibrate(
         logger.warning("per-image estimates need 2-D images; calibrating datasets only")
         per_image = None
     settings.validate()
-    classes = resolve_classes(reference, classes)
+    classes, binary = resolve_task([reference, calibration_set], classes)
     prepared = prepare_references(segmenter, reference, settings)
 
     per_image_reference = None
@@ -289,7 +279,9 @@ def calibrate(
     pseudo, real, image_scores, image_real = [], [], [], []
     iterator = progress(names) if progress else names
     for name in iterator:
-        predicted = calibration_set.with_masks(dict(predictions[name]), source=name)
+        predicted = with_binary_masks(
+            calibration_set.with_masks(dict(predictions[name]), source=name), binary
+        )
         pseudo.append(
             compute_pseudo(segmenter, prepared, predicted, classes, settings).scores
         )
@@ -378,6 +370,8 @@ def estimate(
     if not 0 < coverage < 1:
         raise SPEError(f"--coverage {coverage}: must be between 0 and 1 (e.g. 0.9)")
     settings, classes = settings_from_calibration(calibration)
+    _, binary = resolve_task([reference], classes)
+    target = with_binary_masks(target, binary)
     calibration.check_compatible(
         segmenter=segmenter_record(segmenter),
         reference_fingerprint=reference.fingerprint,

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 
 from spe.calibration import Calibration, LinearMap, apply_map, clip_metric
-from spe.cases import CaseSet, load_labeled
+from spe.cases import CaseSet, load_labeled, resolve_task
 from spe.errors import SPEError
 from spe.evaluation import foreground_fraction, interval_coverage, score_estimator
-from spe.metrics import find_classes
 from spe.per_image import (
     PerImageSettings,
     collect_scores,
@@ -126,7 +125,7 @@ def load_dataset(
         cases=[c for i, c in enumerate(train.cases) if i in held_out],
         source=f"{root / 'train'} (validation)",
     )
-    classes = find_classes(case.mask for case in train.cases)
+    classes, _ = resolve_task([train, test, extra_test])
     return DatasetSplits(root.name, fit, validation, test, extra_test, classes)
 
 

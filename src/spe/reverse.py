@@ -169,7 +169,6 @@ def score_reverse(
     reference: ReferenceSet,
     label: int,
     *,
-    binary: bool,
     threshold: float = 0.5,
     hd95: str = "max",
     distances: bool = True,
@@ -177,7 +176,7 @@ def score_reverse(
     """Metrics of binarised reverse segmentations against the reference labels."""
     per_reference, diagonals = [], []
     for case, probability in zip(reference.cases.cases, probabilities, strict=True):
-        truth = class_mask(case.mask, label, binary=binary)
+        truth = class_mask(case.mask, label)
         per_reference.append(
             binary_metrics(
                 probability >= threshold,
@@ -198,13 +197,12 @@ def pseudo_metrics(
     support: SupportSet,
     label: int,
     *,
-    binary: bool,
     threshold: float = 0.5,
     hd95: str = "max",
 ) -> PseudoMetrics:
     """Reverse-segment the references with ``support`` and score them."""
     probabilities = reverse_segment(segmenter, reference, support)
     mean, per_reference = score_reverse(
-        probabilities, reference, label, binary=binary, threshold=threshold, hd95=hd95
+        probabilities, reference, label, threshold=threshold, hd95=hd95
     )
     return PseudoMetrics(mean=mean, per_reference=per_reference, n_support=len(support))

@@ -21,12 +21,13 @@ from spe import io
 from spe.errors import SPEError
 from spe.metrics import (
     METRIC_NAMES,
+    binarize,
     binary_metrics,
     class_mask,
     diagonal_mm,
-    find_classes,
     mean_over_classes,
     summarize_class,
+    task_classes,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,10 @@ def score_case(
     hd95: str = "max",
 ) -> ScoredCase:
     """Metrics of one case for each class; see :mod:`spe.metrics`."""
-    binary = list(classes) == [1]
     scores, empty = {}, {}
     for label in classes:
-        predicted = class_mask(prediction, label, binary=binary)
-        true = class_mask(truth, label, binary=binary)
+        predicted = class_mask(prediction, label)
+        true = class_mask(truth, label)
         scores[label] = binary_metrics(predicted, true, spacing=spacing, hd95=hd95)
         empty[label] = (not predicted.any(), not true.any())
     return ScoredCase(
@@ -197,9 +197,19 @@ def score_folders(
         io.check_same_shape(prediction, truth)
         pairs.append((case_id, prediction, truth))
 
-    if classes is None:
-        classes = find_classes(truth.array for _, _, truth in pairs)
-        logger.info("scoring classes %s", classes)
+    classes, binary = task_classes(
+        [truth.array for _, _, truth in pairs], classes, source=str(labels)
+    )
+    logger.info("scoring classes %s", classes)
+    if binary:
+        pairs = [
+            (
+                case_id,
+                _with_array(prediction, binarize(prediction.array)),
+                _with_array(truth, binarize(truth.array)),
+            )
+            for case_id, prediction, truth in pairs
+        ]
 
     scored = [
         score_case(
@@ -215,3 +225,7 @@ def score_folders(
         )
     ]
     return scored, list(classes)
+
+
+def _with_array(image: io.LoadedImage, array: np.ndarray) -> io.LoadedImage:
+    return dataclasses.replace(image, array=array)

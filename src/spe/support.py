@@ -59,10 +59,10 @@ def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def foreground_areas(
-    case: Case, label: int, *, binary: bool, axis: int
+    case: Case, label: int, *, axis: int
 ) -> list[tuple[str, int | None, int]]:
     """(source, slice index or None, foreground pixels) of each 2-D candidate."""
-    mask = class_mask(case.mask, label, binary=binary)
+    mask = class_mask(case.mask, label)
     if not case.is_volume:
         return [(case.case_id, None, int(np.count_nonzero(mask)))]
     other_axes = tuple(a for a in range(3) if a != axis)
@@ -77,7 +77,6 @@ def select_support(
     target: CaseSet,
     label: int,
     *,
-    binary: bool,
     min_area: int = 10,
     max_support: int = 64,
     seed: int = 0,
@@ -88,7 +87,7 @@ def select_support(
 
     Args:
         target: cases whose ``mask`` is the model's prediction.
-        label: the class; with ``binary`` every nonzero value is foreground.
+        label: the class (binary tasks are stored 0/1: class 1).
         min_area: least predicted foreground pixels of a candidate.
         max_support: most support pairs; more candidates are subsampled.
         seed, repetition: the random draw; each repetition draws anew.
@@ -96,9 +95,7 @@ def select_support(
     """
     candidates = []
     for case_index, case in enumerate(target.cases):
-        for source, index, area in foreground_areas(
-            case, label, binary=binary, axis=axis
-        ):
+        for source, index, area in foreground_areas(case, label, axis=axis):
             if area >= min_area:
                 candidates.append((case_index, index, source))
 
@@ -112,7 +109,7 @@ def select_support(
     images, masks, sources = [], [], []
     for case_index, index, source in selected:
         case = target.cases[case_index]
-        image, mask = case.image, class_mask(case.mask, label, binary=binary)
+        image, mask = case.image, class_mask(case.mask, label)
         if index is not None:
             image, mask = take_slice(image, axis, index), take_slice(mask, axis, index)
         images.append(image)

@@ -152,12 +152,11 @@ def to_tensors(
     if any(mask is None for _, mask in pairs):
         return torch.cat(images), None
 
-    binary = list(classes) == [1]
     targets = []
     for _, mask in pairs:
         index = np.zeros(mask.shape, np.int64)
         for position, label in enumerate(classes, start=1):
-            index[(mask > 0) if binary else (mask == label)] = position
+            index[mask == label] = position
         tensor = torch.from_numpy(index)[None, None].float()
         targets.append(F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0])
     return torch.cat(images), torch.stack(targets).long()
