@@ -154,7 +154,7 @@ def test_any_size_gray_or_colour_gives_probabilities_at_the_query_size(hc18, kva
 
 def test_other_working_sizes_work(jsrt):
     images, masks = jsrt
-    segmenter = create("patch", image_size=(48, 40), levels=3)
+    segmenter = create("patch", image_size=(48, 40), level_shrinks=(4, 2, 1))
 
     results = segmenter.segment(images[:6], masks[:6], images[:2])
 
@@ -213,7 +213,13 @@ def test_settings_record_every_option():
 
 @pytest.mark.parametrize(
     "options",
-    [{"k": 0}, {"patch_radius": -1}, {"bandwidth": 0.0}, {"levels": 0}],
+    [
+        {"k": 0},
+        {"patch_radius": -1},
+        {"bandwidth": 0.0},
+        {"level_shrinks": (2, 4)},
+        {"level_shrinks": ()},
+    ],
 )
 def test_out_of_range_options_are_user_errors(options):
     with pytest.raises(SPEError, match=next(iter(options))):
