@@ -100,6 +100,9 @@ DISTANCE_FLOOR = 1e-4
 #: Floor of the best alignment residual, for the same reason.
 RESIDUAL_FLOOR = 1e-6
 
+#: Smallest weight of a support relative to the best-aligned one.
+SUPPORT_WEIGHT_FLOOR = 1e-6
+
 #: Elements of the largest intermediate tensor of one batch of queries
 #: (about 16 MB): larger batches gain nothing on a CPU.
 ELEMENTS_PER_BATCH = 4_000_000
@@ -143,6 +146,8 @@ def box_sum(images: torch.Tensor, radius: int) -> torch.Tensor:
     fewer terms; the fusion only compares sums taken at the same pixel, which
     all have the same number of terms.
     """
+    if radius == 0:
+        return images
     rows = images.clone()
     for shift in range(1, min(radius, images.shape[-1] - 1) + 1):
         rows[..., shift:] += images[..., :-shift]
@@ -206,8 +211,9 @@ class Alignment:
         transforms: (B, 2, 3) backward maps from query pixel coordinates to
             support coordinates, in torch's normalised coordinates (see
             :func:`pixel_coordinates`).
-        residuals: (B,) mean squared difference between the aligned,
-            standardised images (0 = identical; about 2 for unrelated images).
+        residuals: (B,) mean squared difference between the aligned first
+            channels, the standardised images (0 = identical; about 2 for
+            unrelated images).
     """
 
     transforms: torch.Tensor
@@ -308,7 +314,8 @@ def fuse_labels(
         support_features: (B, K, C, H, W) features of each query's K aligned
             supports.
         support_labels: (B, K, H, W) their masks, in [0, 1].
-        support_weights: (B, K) weight of each support, in (0, 1].
+        support_weights: (B, K) weight of each support, in (0, 1]; every
+            pixel's best match must have a weight > 0.
         search_radius: half side of the search window, pixels.
         patch_radius: half side of the patch, pixels.
         bandwidth: width of the weights relative to the best match's distance.
@@ -357,6 +364,26 @@ def fuse_labels(
 
 # ---------------------------------------------------------------------------
 # The segmenter
+
+
+@dataclass(frozen=True)
+class FusionBatch:
+    """B queries and the K supports chosen for each, ready to fuse.
+
+    Attributes:
+        queries: the B prepared queries.
+        support: the whole prepared support set.
+        support_masks: (S, 1, H, W) its masks in [0, 1].
+        pairs: (B * K,) support index of each (query, support) pair, query by
+            query.
+        support_weights: (B, K) weight of each pair's support in the fusion.
+    """
+
+    queries: PreparedImages
+    support: PreparedImages
+    support_masks: torch.Tensor
+    pairs: torch.Tensor
+    support_weights: torch.Tensor
 
 
 class PatchFusionSegmenter(InContextSegmenter):
@@ -606,13 +633,60 @@ class PatchFusionSegmenter(InContextSegmenter):
         queries: PreparedImages,
         candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """Align each query's candidates, keep the best k, fuse their labels.
+        """Segment the queries in batches from their candidate supports.
 
         Args:
             candidates: (Q, C) indices into ``support`` for each query.
 
         Returns:
             (Q, H, W) probabilities in [0, 1] at the working resolution.
+        """
+        n_queries, n_candidates = candidates.shape
+        k = min(self.k, n_candidates)
+
+        # Batches of queries whose largest tensor stays about the same size.
+        per_query = 0
+        for level, shrink in enumerate(self.level_shrinks):
+            height, width = self.level_size(shrink)
+            window = (2 * self._search_radius(level) + 1) ** 2
+            per_query = max(per_query, window * k * height * width)
+        batch_size = max(1, ELEMENTS_PER_BATCH // per_query)
+        logger.debug(
+            "fusing %d queries, %d of %d candidate supports each, %d per batch",
+            n_queries,
+            k,
+            n_candidates,
+            batch_size,
+        )
+
+        results = []
+        for start in range(0, n_queries, batch_size):
+            stop = min(start + batch_size, n_queries)
+            batch, transforms = self._choose_supports(
+                support,
+                support_masks,
+                queries.subset(range(start, stop)),
+                candidates[start:stop],
+            )
+            probabilities = self._fuse_batch(batch, transforms)
+            results.append(resize_to(probabilities[:, None], self.image_size)[:, 0])
+        return torch.cat(results).clamp_(0, 1)
+
+    def _choose_supports(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+        candidates: torch.Tensor,
+    ) -> tuple[FusionBatch, torch.Tensor]:
+        """Align B queries' candidates, keep the k that align best, weigh them.
+
+        Args:
+            candidates: (B, C) indices into ``support`` for each query.
+
+        Returns:
+            The batch to fuse, and the (B * k, 2, 3) alignment of each of its
+            (query, support) pairs.
         """
         n_queries, n_candidates = candidates.shape
 
@@ -634,133 +708,73 @@ class PatchFusionSegmenter(InContextSegmenter):
         neighbours = candidates.gather(1, kept)
         transforms = transforms[torch.arange(n_queries)[:, None], kept]
 
-        # Weigh them by their residual relative to the best one.
+        # Weigh them by their residual relative to the best one; the floor
+        # keeps every pixel's best patch match, whichever support it is in,
+        # from being weighted to exactly zero (0 / 0 in the fusion).
         best = residuals[:, :1].clamp_min(RESIDUAL_FLOOR)
-        support_weights = torch.exp(
-            -(residuals - best) / (self.support_bandwidth * best)
+        relative = (residuals - best) / (self.support_bandwidth * best)
+        support_weights = torch.exp(-relative).clamp_min(SUPPORT_WEIGHT_FLOOR)
+
+        batch = FusionBatch(
+            queries=queries,
+            support=support,
+            support_masks=support_masks,
+            pairs=neighbours.flatten(),
+            support_weights=support_weights,
         )
+        return batch, transforms.flatten(0, 1)
 
-        # Batches of queries whose largest tensor stays about the same size.
-        per_query = 0
-        for level, shrink in enumerate(self.level_shrinks):
-            height, width = self.level_size(shrink)
-            window = (2 * self._search_radius(level) + 1) ** 2
-            per_query = max(per_query, window * k * height * width)
-        batch_size = max(1, ELEMENTS_PER_BATCH // per_query)
-        logger.debug(
-            "fusing %d queries, %d supports each, %d queries per batch",
-            n_queries,
-            k,
-            batch_size,
-        )
-
-        results = []
-        for start in range(0, n_queries, batch_size):
-            stop = min(start + batch_size, n_queries)
-            probabilities = self._fuse_batch(
-                support,
-                support_masks,
-                queries.subset(range(start, stop)),
-                neighbours[start:stop],
-                transforms[start:stop],
-                support_weights[start:stop],
-            )
-            results.append(resize_to(probabilities[:, None], self.image_size)[:, 0])
-        return torch.cat(results).clamp_(0, 1)
-
-    def _fuse_batch(
-        self,
-        support: PreparedImages,
-        support_masks: torch.Tensor,
-        queries: PreparedImages,
-        neighbours: torch.Tensor,
-        transforms: torch.Tensor,
-        support_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """Coarse-to-fine fusion for B queries and their K supports each.
+    def _fuse_batch(self, batch: FusionBatch, transforms: torch.Tensor) -> torch.Tensor:
+        """Coarse-to-fine fusion of one batch.
 
         Args:
-            neighbours: (B, K) support indices.
-            transforms: (B, K, 2, 3) their alignments to the queries.
-            support_weights: (B, K) their weights.
+            transforms: (B * K, 2, 3) alignment of each (query, support) pair.
 
         Returns:
             (B, h, w) probabilities at the finest fused level.
         """
-        pairs = neighbours.flatten()
-        pair_transforms = transforms.flatten(0, 1)
-
-        # The coarsest level, then the supports aligned again on its answer.
-        probabilities = self._fuse_level(
-            0, support, support_masks, queries, pairs, pair_transforms, support_weights
-        )
-        for _ in range(self.realign_rounds if self.align else 0):
-            pair_transforms = self._realign(
-                support, support_masks, queries, pairs, pair_transforms, probabilities
-            )
-            probabilities = self._fuse_level(
-                0,
-                support,
-                support_masks,
-                queries,
-                pairs,
-                pair_transforms,
-                support_weights,
-            )
+        # The coarsest level, fused again after each realignment on its answer.
+        probabilities = None
+        for _ in range(1 + (self.realign_rounds if self.align else 0)):
+            if probabilities is not None:
+                transforms = self._realign(batch, transforms, probabilities)
+            probabilities = self._fuse_level(0, batch, transforms)
 
         # Each finer level refines the answer of the level below.
         for level in range(1, len(self.level_shrinks)):
             probabilities = self._fuse_level(
-                level,
-                support,
-                support_masks,
-                queries,
-                pairs,
-                pair_transforms,
-                support_weights,
-                coarser=probabilities,
+                level, batch, transforms, coarser=probabilities
             )
         return probabilities
 
     def _realign(
-        self,
-        support: PreparedImages,
-        support_masks: torch.Tensor,
-        queries: PreparedImages,
-        pairs: torch.Tensor,
-        pair_transforms: torch.Tensor,
-        probabilities: torch.Tensor,
+        self, batch: FusionBatch, transforms: torch.Tensor, probabilities: torch.Tensor
     ) -> torch.Tensor:
         """Refine each pair's alignment with the support mask and query answer.
 
         Each pair registers a second channel too, the support's mask against
-        the query's current probability map, so the structure being segmented
-        leads the alignment. Starts from ``pair_transforms`` (B * K, 2, 3) and
-        returns the refined ones.
+        the query's current probability map (B, h, w), so that the structure
+        being segmented leads the alignment. Starts from ``transforms``
+        (B * K, 2, 3) and returns the refined ones.
         """
-        k = len(pairs) // len(queries)
+        k = batch.support_weights.shape[1]
         size = self.registration_size()
         answer = MASK_WEIGHT * resize_to(probabilities[:, None], size)
-        fixed = torch.cat([queries.features[REGISTRATION_IMAGE], answer], dim=1)
-        masks = MASK_WEIGHT * resize_to(support_masks[pairs], size)
-        moving = torch.cat([support.features[REGISTRATION_IMAGE][pairs], masks], dim=1)
+        query_image = batch.queries.features[REGISTRATION_IMAGE]
+        fixed = torch.cat([query_image, answer], dim=1).repeat_interleave(k, dim=0)
+        masks = MASK_WEIGHT * resize_to(batch.support_masks[batch.pairs], size)
+        support_images = batch.support.features[REGISTRATION_IMAGE][batch.pairs]
+        moving = torch.cat([support_images, masks], dim=1)
         alignment = register_affine(
-            fixed.repeat_interleave(k, dim=0),
-            moving,
-            steps=REALIGNMENT_STEPS,
-            initial=pair_transforms,
+            fixed, moving, steps=REALIGNMENT_STEPS, initial=transforms
         )
         return alignment.transforms
 
     def _fuse_level(
         self,
         level: int,
-        support: PreparedImages,
-        support_masks: torch.Tensor,
-        queries: PreparedImages,
-        pairs: torch.Tensor,
-        pair_transforms: torch.Tensor,
-        support_weights: torch.Tensor,
+        batch: FusionBatch,
+        transforms: torch.Tensor,
         *,
         coarser: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -768,28 +782,26 @@ class PatchFusionSegmenter(InContextSegmenter):
 
         Args:
             level: index into ``level_shrinks``.
-            pairs: (B * K) support index of each (query, support) pair.
-            pair_transforms: (B * K, 2, 3) their alignments.
-            support_weights: (B, K) their weights.
+            transforms: (B * K, 2, 3) alignment of each (query, support) pair.
             coarser: (B, h', w') the coarser level's probabilities, if any.
 
         Returns:
             (B, h, w) probabilities at this level.
         """
-        batch, k = support_weights.shape
+        n_queries, k = batch.support_weights.shape
         shrink = self.level_shrinks[level]
         size = self.level_size(shrink)
         name = LEVEL_FEATURES.format(shrink=shrink)
-        query_features = queries.features[name]
+        query_features = batch.queries.features[name]
 
         # The supports' features and masks seen from each query's frame.
-        support_features = support.features[name][pairs]
-        labels = resize_to(support_masks[pairs], size)
+        support_features = batch.support.features[name][batch.pairs]
+        labels = resize_to(batch.support_masks[batch.pairs], size)
         if self.align:
-            support_features = warp(support_features, pair_transforms)
-            labels = warp(labels, pair_transforms)
-        support_features = support_features.unflatten(0, (batch, k))
-        labels = labels.view(batch, k, *size)
+            support_features = warp(support_features, transforms)
+            labels = warp(labels, transforms)
+        support_features = support_features.unflatten(0, (n_queries, k))
+        labels = labels.view(n_queries, k, *size)
 
         # The coarser answer as a feature, compared with the supports' masks.
         if coarser is not None and self.prior_weight > 0:
@@ -803,7 +815,7 @@ class PatchFusionSegmenter(InContextSegmenter):
             query_features,
             support_features,
             labels,
-            support_weights,
+            batch.support_weights,
             search_radius=self._search_radius(level),
             patch_radius=self.patch_radius,
             bandwidth=self.bandwidth,
