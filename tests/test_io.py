@@ -151,9 +151,19 @@ def test_missing_and_unsupported_files(tmp_path):
 def test_case_ids_and_nnunet_channel_suffix(tmp_path):
     for name in ("case_a_0000.png", "case_b_0000.png", "case_b_0001.png"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name)
-    cases = io.list_cases(tmp_path, strip_channel_suffix=True)
+    cases = io.list_image_cases(tmp_path, matching=["case_a", "case_b"])
     assert sorted(cases) == ["case_a", "case_b"]
     assert cases["case_b"].name == "case_b_0000.png"
+    # Names that merely end in four digits stay case ids of their own.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("scan_0000.png", "scan_0001.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(plain / name)
+    assert sorted(io.list_image_cases(plain, matching=["scan_0000", "scan_0001"])) == [
+        "scan_0000",
+        "scan_0001",
+    ]
+    assert sorted(io.list_image_cases(plain)) == ["scan_0000", "scan_0001"]
     assert io.split_extension("x.y.nii.gz") == ("x.y", ".nii.gz")
 
 

@@ -261,7 +261,7 @@ def test_mismatched_inputs_are_one_line_errors(workspace, calibration_file, caps
     code, _, err = run(
         capsys, *arguments, "--predictions", str(workspace / "target_shift00")
     )
-    assert code == 2 and "reference set differs" in err
+    assert code == 2 and "other_reference differs from the one calibrated" in err
 
 
 def test_calibration_json_round_trip_and_validation(calibration_file, tmp_path):

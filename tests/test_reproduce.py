@@ -9,27 +9,12 @@ import pytest
 from spe.cli import main
 from spe.reproduce import choose_checkpoints, spread_indices
 
-QUICK = [
-    "--epochs",
-    "2",
-    "--image-size",
-    "32",
-    "--width",
-    "8",
-    "--checkpoints",
-    "5",
-    "--max-references",
-    "8",
-    "--per-image-checkpoints",
-    "2",
-    "--per-image-max-cases",
-    "6",
-    "--k",
-    "3",
-    "--segmenter",
-    "patch",
-    "-q",
-]
+QUICK = " ".join(
+    [
+        "--epochs 4 --image-size 32 --width 8 --checkpoints 5 --max-references 8",
+        "--per-image-checkpoints 2 --per-image-max-cases 6 --k 3 --segmenter patch -q",
+    ]
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +72,10 @@ def test_checkpoints_spread_over_validation_dice():
     dice = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8]
     chosen = choose_checkpoints(dice, 3)
     assert sorted(dice[i] for i in chosen) == [0.1, 0.5, 0.9]
+    # Many equal early models: one of them, then the rest of the range.
+    crowded = [0.17] * 6 + [0.3, 0.6, 0.9]
+    chosen = choose_checkpoints(crowded, 4)
+    assert [crowded[i] for i in chosen] == [0.17, 0.3, 0.6, 0.9]
     assert spread_indices(10, 3) == [0, 4, 9]  # 4.5 rounds to even
     assert spread_indices(2, 5) == [0, 1]
 

@@ -15,6 +15,7 @@ what differs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,8 @@ from spe import __version__
 from spe.errors import SPEError
 from spe.metrics import HIGHER_IS_BETTER
 from spe.outputs import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "spe.calibration"
 SCHEMA_VERSION = 1
@@ -134,6 +137,28 @@ class LinearMap:
         return self.pseudo_min - slack <= pseudo <= self.pseudo_max + slack
 
 
+def check_spread(
+    pseudo: Sequence[float], real: Sequence[float], key: str, metric: str
+) -> None:
+    """A calibration needs models of different quality: refuse flat Dice.
+
+    When the pseudo or the real Dice does not vary across the models, the
+    line carries no information and its intervals would be falsely narrow.
+    Other metrics that do not vary only get a warning.
+    """
+    for name, values in (("pseudo", pseudo), ("real", real)):
+        if np.ptp(np.asarray(values, dtype=np.float64)) > 1e-9:
+            continue
+        message = (
+            f"the {name} {metric} of class {key} is the same ({values[0]:.4g}) for "
+            f"every model; calibrate with checkpoints or models of clearly "
+            f"different quality"
+        )
+        if metric == "dice":
+            raise SPEError(message)
+        logger.warning(message)
+
+
 def clip_metric(metric: str, value: float) -> float:
     """Clip an estimate to the metric's valid range."""
     low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
@@ -226,6 +251,7 @@ class Calibration:
                 xs = [p[key][metric] for p in pseudo]
                 ys = [r[key][metric] for r in real]
                 dataset_level[key][metric] = LinearMap.fit(xs, ys)
+                check_spread(xs, ys, key, metric)
                 points[key][metric] = [
                     [x, y, name] for x, y, name in zip(xs, ys, names, strict=True)
                 ]
@@ -300,20 +326,51 @@ class Calibration:
         if missing:
             raise SPEError(f"{source}: calibration misses {', '.join(missing)}")
 
+        def malformed(what: str) -> SPEError:
+            return SPEError(f"{source}: {what} is malformed; recalibrate")
+
+        metrics, classes = data["metrics"], data["classes"]
+        if not _is_list_of(metrics, str) or not metrics:
+            raise malformed("metrics")
+        if any(metric not in METRIC_RANGES for metric in metrics):
+            raise malformed("metrics")
+        if not _is_list_of(classes, str) or not classes:
+            raise malformed("classes")
+        segmenter, reference = data["segmenter"], data["reference"]
+        if not isinstance(segmenter, dict) or not isinstance(
+            segmenter.get("name"), str
+        ):
+            raise malformed("segmenter")
+        if not isinstance(segmenter.get("settings"), dict):
+            raise malformed("segmenter settings")
+        if not isinstance(data["settings"], dict):
+            raise malformed("settings")
+        if not isinstance(reference, dict) or not isinstance(
+            reference.get("fingerprint"), str
+        ):
+            raise malformed("reference")
+        if not isinstance(data["dataset_level"], dict):
+            raise malformed("dataset_level")
+
         fields = set(LinearMap.__dataclass_fields__)
         dataset_level: dict[str, dict[str, LinearMap]] = {}
-        for key in data["classes"]:
+        for key in classes:
             maps = data["dataset_level"].get(key)
             if not isinstance(maps, dict):
                 raise SPEError(f"{source}: no calibration for class {key}")
             dataset_level[key] = {}
-            for metric in data["metrics"]:
+            for metric in metrics:
                 values = maps.get(metric)
                 if not isinstance(values, dict) or set(values) != fields:
-                    message = (
-                        f"{source}: calibration of {metric} (class {key}) is malformed"
-                    )
-                    raise SPEError(message)
+                    raise malformed(f"calibration of {metric} (class {key})")
+                if not all(_is_finite_number(v) for v in values.values()):
+                    raise malformed(f"calibration of {metric} (class {key})")
+                if (
+                    values["n_points"] < MIN_POINTS
+                    or values["residual_sd"] < 0
+                    or values["pseudo_sxx"] < 0
+                ):
+                    raise malformed(f"calibration of {metric} (class {key})")
                 dataset_level[key][metric] = LinearMap(**values)
         return cls(
             metrics=list(data["metrics"]),
@@ -329,7 +386,11 @@ class Calibration:
     # -- reuse ------------------------------------------------------------------
 
     def check_compatible(
-        self, *, segmenter: dict[str, Any], reference_fingerprint: str
+        self,
+        *,
+        segmenter: dict[str, Any],
+        reference_fingerprint: str,
+        reference_source: str = "",
     ) -> None:
         """Raise SPEError naming what differs from the calibration's set-up."""
         if segmenter["name"] != self.segmenter["name"]:
@@ -349,12 +410,27 @@ class Calibration:
             )
             raise SPEError(message)
         if reference_fingerprint != self.reference["fingerprint"]:
+            given = f" {reference_source}" if reference_source else ""
             message = (
-                f"the reference set differs from the one calibrated with (fingerprint "
-                f"{reference_fingerprint} vs {self.reference['fingerprint']}, "
-                f"{self.reference.get('source')}); use the same reference folder"
+                f"the reference set{given} differs from the one calibrated with "
+                f"({self.reference.get('source')}; fingerprint {reference_fingerprint} "
+                f"vs {self.reference['fingerprint']}); use the same reference images "
+                f"and labels"
             )
             raise SPEError(message)
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(item, kind) for item in value)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """int or float (not bool), finite."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def describe_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> str:

@@ -194,11 +194,18 @@ def load_labeled(
 def load_images(
     folder: Path | str,
     *,
+    matching: Path | str | None = None,
     spacing_table: dict[str, tuple[float, ...]] | None = None,
     progress: bool = False,
 ) -> CaseSet:
-    """Read a folder of images (no masks) into memory."""
-    files = io.list_cases(folder, strip_channel_suffix=True)
+    """Read a folder of images (no masks) into memory.
+
+    Args:
+        matching: the folder of masks these images go with (the model's
+            predictions), which settles how nnU-Net channel suffixes are read.
+    """
+    others = io.list_cases(matching) if matching is not None else None
+    files = io.list_image_cases(folder, matching=others)
     cases = []
     for case_id, path in tqdm(
         files.items(),

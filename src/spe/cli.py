@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import traceback
@@ -38,9 +39,9 @@ def parse_spacing(text: str | None) -> tuple[float, ...] | None:
     except ValueError as error:
         message = f"--spacing {text!r}: give numbers in mm separated by commas"
         raise SPEError(message) from error
-    if any(value <= 0 for value in spacing):
-        raise SPEError(f"--spacing {text!r}: spacing must be positive (mm)")
-    return spacing
+    from spe.io import check_spacing
+
+    return check_spacing(spacing, "--spacing")
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -79,6 +80,8 @@ def run_metrics(args: argparse.Namespace) -> int:
         summarize,
     )
 
+    if args.spacing and args.spacing_csv:
+        raise SPEError("give --spacing or --spacing-csv, not both")
     spacing_table = (
         io.read_spacing_table(args.spacing_csv) if args.spacing_csv else None
     )
@@ -152,7 +155,11 @@ def add_metrics_parser(commands: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="folder for per_case.csv, summary.json"
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(handler=run_metrics)
+    parser.set_defaults(
+        handler=run_metrics,
+        output_kind="folder",
+        output_names=("per_case.csv", "summary.json"),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +183,10 @@ def add_segmenter_options(
         "--universeg-weights", type=Path, help="the official UniverSeg weights file"
     )
     group.add_argument(
-        "--device", default="cpu", help="cpu, cuda or auto (UniverSeg only)"
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "auto"),
+        help="where UniverSeg runs (cpu; auto: CUDA when available)",
     )
     group.add_argument("--seed", type=int, default=0, help="seeds every random draw")
 
@@ -207,7 +217,7 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--threshold",
-        type=float,
+        type=number("fraction"),
         default=defaults.threshold,
         help="binarisation threshold (0.5; the published code used 0.4)",
     )
@@ -393,7 +403,7 @@ def add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
     add_segmenter_options(parser)
     add_pipeline_options(parser)
     add_per_image_options(parser)
-    parser.set_defaults(handler=run_calibrate)
+    parser.set_defaults(handler=run_calibrate, output_kind="file")
 
 
 # ---------------------------------------------------------------------------
@@ -419,6 +429,7 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
     from spe.pipeline import estimate, settings_from_calibration
 
     calibration = Calibration.load(args.calibration)
+    settings_from_calibration(calibration)  # a damaged file fails here, early
     segmenter = make_segmenter(args, record=calibration.segmenter)
     print(f"segmenter: {segmenter.name}", file=sys.stderr)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
@@ -429,10 +440,10 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
         _, binary = resolve_task([truth], classes)
         target = truth
     else:
-        target = load_images(args.images)
+        target = load_images(args.images, matching=args.predictions)
         binary = False  # estimate() decides from the reference labels
     target = with_binary_masks(
-        target.with_masks(read_predictions(args.predictions, target), "predictions"),
+        target.with_masks(read_predictions(args.predictions, target), target.source),
         binary,
     )
     result = estimate(
@@ -467,21 +478,30 @@ def estimate_output(args, target, result, segmenter) -> dict:
             "n_flagged": len(flagged),
             "flagged": [f"{row['case_id']} (class {row['class']})" for row in flagged],
             "n_uncertain": len(uncertain),
+            "note": result.per_case_note,
         },
     }
 
 
-def write_estimate_files(args, output: dict, result) -> None:
+def write_estimate_files(args, output: dict, result, name: str) -> None:
+    """``name`` (the JSON summary) and, with per-image estimates, per_case.csv."""
     from spe.outputs import ensure_folder, write_csv_atomic, write_json_atomic
     from spe.per_image import PER_CASE_COLUMNS
 
     out = ensure_folder(args.out)
+    per_case = out / "per_case.csv"
     if result.per_case:
-        write_csv_atomic(out / "per_case.csv", result.per_case, PER_CASE_COLUMNS)
-    write_json_atomic(out / "estimate.json", output)
+        write_csv_atomic(per_case, result.per_case, PER_CASE_COLUMNS)
+    elif per_case.exists():
+        # An earlier run's per-case file must not pass for this run's.
+        per_case.unlink()
+        logger.info("removed %s from an earlier run", per_case)
+    write_json_atomic(out / name, output)
 
 
 def print_estimates(output: dict) -> None:
+    from spe.metrics import HIGHER_IS_BETTER
+
     rows = [
         [
             key,
@@ -495,7 +515,7 @@ def print_estimates(output: dict) -> None:
         for metric, values in metrics.items()
     ]
     print(
-        f"{output['n_cases']} cases; {round(100 * output['coverage'])}% "
+        f"{output['n_cases']} cases; {100 * output['coverage']:.4g}% "
         f"prediction intervals"
     )
     print(
@@ -509,11 +529,15 @@ def print_estimates(output: dict) -> None:
         shown = ", ".join(names[:10]) + (
             f" and {len(names) - 10} more" if len(names) > 10 else ""
         )
+        metric = per_case["flag_metric"]
+        side = "below" if HIGHER_IS_BETTER[metric] else "above"
         print(
-            f"{per_case['n_flagged']} case(s) with estimated {per_case['flag_metric']} "
-            f"below {per_case['flag_threshold']}: {shown or 'none'}; "
+            f"{per_case['n_flagged']} case(s) with estimated {metric} {side} "
+            f"{per_case['flag_threshold']}: {shown or 'none'}; "
             f"{per_case['n_uncertain']} more uncertain (see per_case.csv)"
         )
+    elif per_case.get("note"):
+        print(per_case["note"])
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -521,7 +545,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     target, _, result, segmenter, _ = estimate_from_args(args)
     output = estimate_output(args, target, result, segmenter)
-    write_estimate_files(args, output, result)
+    write_estimate_files(args, output, result, "estimate.json")
     if args.json:
         sys.stdout.write(dumps_json(output))
     else:
@@ -530,7 +554,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from spe.outputs import dumps_json, write_json_atomic
+    from spe.outputs import dumps_json
     from spe.per_image import evaluate_per_image, real_per_case
     from spe.pipeline import compute_real, settings_from_calibration
 
@@ -555,8 +579,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if result.per_case:
         per_case_real = real_per_case(target, truth, classes, hd95=settings.hd95)
         output["per_image"] = evaluate_per_image(result.per_case, per_case_real)
-    write_estimate_files(args, output, result)
-    write_json_atomic(args.out / "evaluation.json", output)
+    write_estimate_files(args, output, result, "evaluation.json")
     if args.json:
         sys.stdout.write(dumps_json(output))
         return 0
@@ -618,18 +641,22 @@ def add_estimate_options(parser: argparse.ArgumentParser) -> None:
         "--labels-name", default="labels", help="name of the labels folders (labels)"
     )
     parser.add_argument(
-        "--coverage", type=float, default=0.9, help="prediction interval coverage (0.9)"
+        "--coverage",
+        type=number("fraction"),
+        default=0.9,
+        help="prediction interval coverage (0.9)",
     )
     parser.add_argument(
         "--flag-metric",
         default="dice",
+        choices=("dice", "jaccard", "precision", "recall", "pearson", "hd95"),
         help="metric whose per-image estimate flags cases (dice)",
     )
     parser.add_argument(
         "--flag-threshold",
-        type=float,
+        type=number("any"),
         default=0.7,
-        help="flag cases estimated below this (0.7)",
+        help="flag cases estimated worse than this (0.7; for a distance, above)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON to stdout")
     add_segmenter_options(parser)
@@ -651,7 +678,11 @@ def add_evaluate_parser(commands) -> None:
         help="labeled target set: images/ and labels/",
     )
     add_estimate_options(parser)
-    parser.set_defaults(handler=run_evaluate)
+    parser.set_defaults(
+        handler=run_evaluate,
+        output_kind="folder",
+        output_names=("evaluation.json", "per_case.csv"),
+    )
 
 
 def add_estimate_parser(commands) -> None:
@@ -666,7 +697,11 @@ def add_estimate_parser(commands) -> None:
     )
     parser.add_argument("--images", type=Path, required=True, help="unlabeled images")
     add_estimate_options(parser)
-    parser.set_defaults(handler=run_estimate)
+    parser.set_defaults(
+        handler=run_estimate,
+        output_kind="folder",
+        output_names=("estimate.json", "per_case.csv"),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -822,7 +857,10 @@ def add_reproduce_options(
         help="checkpoints chosen over validation Dice (20)",
     )
     group.add_argument(
-        "--coverage", type=float, default=0.9, help="prediction interval coverage (0.9)"
+        "--coverage",
+        type=number("fraction"),
+        default=0.9,
+        help="prediction interval coverage (0.9)",
     )
     group.add_argument("--json", action="store_true", help="print JSON to stdout")
     group.add_argument(
@@ -865,7 +903,7 @@ def add_per_image_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--flag-threshold",
-        type=float,
+        type=number("any"),
         default=0.7,
         help="flag cases whose estimated Dice is below this (0.7)",
     )
@@ -899,7 +937,11 @@ def add_reproduce_parser(commands: argparse._SubParsersAction) -> None:
     add_reproduce_options(parser, epochs=30, image_size=128)
     add_segmenter_options(parser)
     add_pipeline_options(parser)
-    parser.set_defaults(handler=run_reproduce)
+    parser.set_defaults(
+        handler=run_reproduce,
+        output_kind="folder",
+        output_names=("results.json", "results.csv"),
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -922,7 +964,12 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     add_reproduce_options(parser, epochs=DEMO_EPOCHS, image_size=DEMO_IMAGE_SIZE)
     add_segmenter_options(parser)
     add_pipeline_options(parser)
-    parser.set_defaults(handler=run_demo, max_references=DEMO_MAX_REFERENCES)
+    parser.set_defaults(
+        handler=run_demo,
+        max_references=DEMO_MAX_REFERENCES,
+        output_kind="folder",
+        output_names=("results.json", "results.csv"),
+    )
 
 
 # The demo's budget: under 3 minutes on a 2-core CPU.
@@ -983,7 +1030,7 @@ def add_weights_parser(commands) -> None:
     )
     download.add_argument(
         "--timeout",
-        type=float,
+        type=number("positive"),
         default=15.0,
         help="seconds to wait for the server (15)",
     )
@@ -994,8 +1041,51 @@ def add_weights_parser(commands) -> None:
 # Entry point
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"spe: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: str):
+    """An argparse type: a finite float checked by ``kind``.
+
+    Kinds: "positive" (> 0), "fraction" (strictly between 0 and 1), "any".
+    """
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from error
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if kind == "positive" and value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        if kind == "fraction" and not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+        return value
+
+    return convert
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work when the results could not be written."""
+    from spe.outputs import check_output_file, check_writable
+
+    out = getattr(args, "out", None)
+    kind = getattr(args, "output_kind", None)
+    if out is None or kind is None:
+        return
+    if kind == "file":
+        check_output_file(out)
+    else:
+        check_writable(out, args.output_names)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="spe",
         description=(
             "Estimate a segmentation model's Dice, HD95 and more on unlabeled "
@@ -1005,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Every command takes the logging options, after its name.
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="tracebacks on failure")
@@ -1036,7 +1126,10 @@ class _CommonOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # usage errors, --help and --version
+        return int(exit.code or 0)
     logging.basicConfig(
         level=logging.WARNING,
         format="spe: %(levelname)s: %(message)s",
@@ -1046,6 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug or args.verbose:
         logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
+        check_outputs(args)
         return int(args.handler(args) or 0)
     except SPEError as error:
         print(f"spe: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,28 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
         raise SPEError(message) from error
 
 
+# Spacing outside this range (mm) is a typo or a unit error, and squares of
+# it would overflow distance computations.
+SPACING_RANGE_MM = (1e-6, 1e6)
+
+
+def check_spacing(spacing: Sequence[float], what: str) -> tuple[float, ...]:
+    """Spacing as floats, each finite and within :data:`SPACING_RANGE_MM`.
+
+    Args:
+        what: names the source in the error, e.g. "--spacing" or a file.
+    """
+    values = tuple(float(s) for s in spacing)
+    low, high = SPACING_RANGE_MM
+    if not values or any(not np.isfinite(v) or not low <= v <= high for v in values):
+        message = (
+            f"{what}: spacing {values} must be positive numbers in mm between "
+            f"{low:g} and {high:g}"
+        )
+        raise SPEError(message)
+    return values
+
+
 def _spacing_for(
     path: Path,
     header_spacing: tuple[float, ...] | None,
@@ -157,18 +180,16 @@ def _spacing_for(
 ) -> tuple[float, ...]:
     """The spacing to use: the override, else the header, else 1.0 per axis."""
     if override is not None:
-        override = tuple(float(s) for s in override)
+        override = check_spacing(override, str(path))
         if len(override) != n_spatial:
             message = (
                 f"{path}: spacing {override} has {len(override)} values but the "
                 f"image has {n_spatial} spatial axes; give one value per axis"
             )
             raise SPEError(message)
-        if any(not np.isfinite(s) or s <= 0 for s in override):
-            raise SPEError(f"spacing {override} must be positive numbers (mm)")
         return override
     if header_spacing is not None:
-        return header_spacing
+        return check_spacing(header_spacing, f"{path} (header)")
     return (1.0,) * n_spatial
 
 
@@ -180,7 +201,7 @@ def _spatial_axes(array: np.ndarray, header_spacing: tuple[float, ...] | None) -
 
 
 def read_image(
-    path: Path | str, *, spacing: Sequence[float] | None = None
+    path: Path | str, *, spacing: Sequence[float] | None = None, kind: str = "image"
 ) -> LoadedImage:
     """Read an image: (H, W), (H, W, C) colour, or a (Z, Y, X) volume.
 
@@ -189,16 +210,23 @@ def read_image(
         spacing: overrides the spacing (mm, array axis order).
 
     Raises:
-        SPEError: the file is missing, unreadable, or holds NaN or infinity.
+        SPEError: the file is missing, unreadable, not 2-D or 3-D, or holds
+            NaN or infinity.
     """
     path = Path(path)
     array, header_spacing = _read_array(path)
     if array.ndim < 2 or array.size == 0:
-        raise SPEError(f"{path}: holds no 2-D or 3-D image (shape {array.shape})")
+        raise SPEError(f"{path}: holds no 2-D or 3-D {kind} (shape {array.shape})")
+    if header_spacing is not None and len(header_spacing) > 3:
+        message = (
+            f"{path}: a {len(header_spacing)}-D {kind} (shape {array.shape}); SPE "
+            f"reads 2-D and 3-D, so save each time point or channel separately"
+        )
+        raise SPEError(message)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         message = (
-            f"{path}: the image holds NaN or infinite values; replace them "
-            f"(for example with the background intensity) before estimating"
+            f"{path}: the {kind} holds NaN or infinite values; replace them "
+            f"(for example with the background value) and save it again"
         )
         raise SPEError(message)
     if array.dtype == bool:
@@ -224,7 +252,13 @@ def read_mask(
         SPEError: the file is unreadable, is a colour image with unequal
             channels, or holds negative or fractional values.
     """
-    image = read_image(path, spacing=spacing)
+    image = read_image(path, spacing=spacing, kind="mask")
+    if split_extension(image.path)[1] in (".jpg", ".jpeg"):
+        message = (
+            f"{image.path}: a mask saved as JPEG, whose compression changes label "
+            f"values; save masks losslessly (PNG, NIfTI, MetaImage, NRRD)"
+        )
+        raise SPEError(message)
     array = image.array
     if array.ndim == len(image.spacing) + 1:
         channels = array[..., :3] if array.shape[-1] in (3, 4) else array
@@ -237,6 +271,12 @@ def read_mask(
         array = channels[..., 0]
 
     if np.issubdtype(array.dtype, np.floating):
+        if np.abs(array).max() >= 2**31:
+            message = (
+                f"{image.path}: the mask holds values up to {np.abs(array).max():.3g}; "
+                f"labels must be small non-negative integers"
+            )
+            raise SPEError(message)
         if not np.array_equal(array, np.round(array)):
             message = (
                 f"{image.path}: the mask holds fractional values (probabilities?); "
@@ -264,10 +304,14 @@ def read_spacing_table(path: Path | str) -> dict[str, tuple[float, ...]]:
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig also reads the byte-order mark spreadsheet programs write.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
-    except OSError as error:
-        raise SPEError(f"{path}: cannot read the spacing table ({error})") from error
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        message = (
+            f"{path}: cannot read the spacing table ({error}); save it as UTF-8 CSV"
+        )
+        raise SPEError(message) from error
     if not rows or "case_id" not in rows[0]:
         raise SPEError(f"{path}: a spacing table needs a header with a case_id column")
 
@@ -279,19 +323,24 @@ def read_spacing_table(path: Path | str) -> dict[str, tuple[float, ...]]:
         except (TypeError, ValueError) as error:
             message = f"{path}:{line}: spacing values must be numbers, got {row}"
             raise SPEError(message) from error
-        if not values or any(v <= 0 or not np.isfinite(v) for v in values):
-            raise SPEError(f"{path}:{line}: spacing must be positive, got {values}")
-        table[row["case_id"]] = values
+        values = check_spacing(values, f"{path}:{line}")
+        case_id = normalize_case_id(row["case_id"])
+        if case_id in table:
+            message = f"{path}:{line}: case {case_id!r} appears twice; keep one row"
+            raise SPEError(message)
+        table[case_id] = values
     return table
 
 
-def expand_spacing(spacing: tuple[float, ...], n_spatial: int) -> tuple[float, ...]:
+def expand_spacing(
+    spacing: tuple[float, ...], n_spatial: int, *, what: str = "spacing"
+) -> tuple[float, ...]:
     """A spacing of 1 value (isotropic) or ``n_spatial`` values, as n values."""
     if len(spacing) == 1:
         return spacing * n_spatial
     if len(spacing) != n_spatial:
         message = (
-            f"spacing {spacing} has {len(spacing)} values for an image with "
+            f"{what}: spacing {spacing} has {len(spacing)} values for an image with "
             f"{n_spatial} axes; give 1 value or {n_spatial}"
         )
         raise SPEError(message)
@@ -302,15 +351,17 @@ def expand_spacing(spacing: tuple[float, ...], n_spatial: int) -> tuple[float, .
 # Folders of cases
 
 
-def list_cases(
-    folder: Path | str, *, strip_channel_suffix: bool = False
-) -> dict[str, Path]:
+def normalize_case_id(name: str) -> str:
+    """Unicode NFC form, so the same name typed on macOS and Linux matches."""
+    return unicodedata.normalize("NFC", name)
+
+
+def list_cases(folder: Path | str) -> dict[str, Path]:
     """Case id -> file for every image file in ``folder`` (not recursive).
 
-    The case id is the file name without its extension. With
-    ``strip_channel_suffix`` (for images), nnU-Net's ``_0000`` channel suffix
-    is removed; further channels (``_0001``...) are not used, and a warning
-    names them.
+    The case id is the file name without its extension. Hidden files (such
+    as macOS ``._name`` and ``.DS_Store``) are skipped; anything else that
+    looks like an image but is not a readable file is named in a warning.
 
     Raises:
         SPEError: the folder is missing, holds no image files, or two files
@@ -319,7 +370,21 @@ def list_cases(
     folder = Path(folder)
     if not folder.is_dir():
         raise SPEError(f"{folder}: no such folder; check the path")
-    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if is_image_file(p)]
+    unusable = [
+        p.name
+        for p in entries
+        if not p.is_file() and split_extension(p)[1] in IMAGE_EXTENSIONS
+    ]
+    if unusable:
+        logger.warning(
+            "%s: skipping %d entries named like images that are not files (folders "
+            "or broken links): %s",
+            folder,
+            len(unusable),
+            describe_names(unusable),
+        )
     if not files:
         message = (
             f"{folder}: holds no image files; expected one of "
@@ -328,16 +393,8 @@ def list_cases(
         raise SPEError(message)
 
     cases: dict[str, Path] = {}
-    extra_channels = []
     for path in files:
-        case_id = split_extension(path)[0]
-        if strip_channel_suffix:
-            match = CHANNEL_SUFFIX.match(case_id)
-            if match and match["channel"] != "0000":
-                extra_channels.append(path.name)
-                continue
-            if match:
-                case_id = match["case"]
+        case_id = normalize_case_id(split_extension(path)[0])
         if case_id in cases:
             message = (
                 f"{folder}: {cases[case_id].name} and {path.name} are both case "
@@ -345,7 +402,25 @@ def list_cases(
             )
             raise SPEError(message)
         cases[case_id] = path
+    return cases
 
+
+def strip_channels(cases: dict[str, Path], folder: Path | str) -> dict[str, Path]:
+    """nnU-Net image names (``case_0000``) -> case ids; channel 0000 is used.
+
+    Further channels (``case_0001``...) are left out, and a warning names
+    them.
+    """
+    stripped: dict[str, Path] = {}
+    extra_channels = []
+    for case_id, path in cases.items():
+        match = CHANNEL_SUFFIX.match(case_id)
+        if match is None:
+            stripped[case_id] = path
+        elif match["channel"] == "0000":
+            stripped[match["case"]] = path
+        else:
+            extra_channels.append(path.name)
     if extra_channels:
         logger.warning(
             "%s: using channel _0000 only; ignoring %d other channel files (%s)",
@@ -353,7 +428,32 @@ def list_cases(
             len(extra_channels),
             describe_names(extra_channels),
         )
-    return cases
+    return stripped
+
+
+def list_image_cases(
+    folder: Path | str, matching: Iterable[str] | None = None
+) -> dict[str, Path]:
+    """Image files by case id, reading nnU-Net's ``_0000`` suffix when it applies.
+
+    Names such as ``scan_0003`` are ambiguous: a case of its own, or channel 3
+    of ``scan``. The suffix is read as a channel only when that makes the
+    images match ``matching`` (the case ids of the labels or predictions)
+    better than the plain names do; without ``matching``, only when every
+    image name ends in ``_0000``.
+    """
+    plain = list_cases(folder)
+    if not any(CHANNEL_SUFFIX.match(case_id) for case_id in plain):
+        return plain
+    if matching is None:
+        if all(case_id.endswith("_0000") for case_id in plain):
+            return strip_channels(plain, folder)
+        return plain
+    wanted = set(matching)
+    stripped = strip_channels(plain, folder)
+    if len(wanted & set(stripped)) > len(wanted & set(plain)):
+        return stripped
+    return plain
 
 
 def describe_names(names: Iterable[str], *, limit: int = 5) -> str:
@@ -413,8 +513,8 @@ def open_labeled_folder(
     root = Path(root)
     if not root.is_dir():
         raise SPEError(f"{root}: no such folder; check the path")
-    images = list_cases(root / "images", strip_channel_suffix=True)
     labels = list_cases(root / labels_name)
+    images = list_image_cases(root / "images", matching=labels)
     case_ids = match_cases(
         images,
         labels,

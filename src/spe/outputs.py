@@ -31,20 +31,78 @@ def ensure_folder(folder: Path | str) -> Path:
     return folder
 
 
+def check_writable(folder: Path | str, names: Sequence[str] = ()) -> Path:
+    """Make sure results can be written to ``folder`` before any work starts.
+
+    Creates the folder, writes and removes a probe file, and checks that none
+    of ``names`` (the files to be written) is taken by a folder.
+
+    Raises:
+        SPEError: naming the folder or file and what to do.
+    """
+    folder = ensure_folder(folder)
+    for name in names:
+        if (folder / name).is_dir():
+            message = f"{folder / name}: is a folder, where a result file goes; move it"
+            raise SPEError(message)
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".spe-probe-")
+        os.close(descriptor)
+        Path(probe).unlink()
+    except OSError as error:
+        message = (
+            f"{folder}: cannot write here ({error.strerror}); choose another --out"
+        )
+        raise SPEError(message) from error
+    return folder
+
+
+def check_output_file(path: Path | str) -> Path:
+    """Like :func:`check_writable` for a single output file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SPEError(
+            f"{path}: is a folder; give a file name such as calibration.json"
+        )
+    check_writable(path.parent, [path.name])
+    return path
+
+
+def _file_mode() -> int:
+    """Permissions of a new file under the process umask (usually 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        SPEError: the file cannot be written (naming it and the reason).
+    """
     path = Path(path)
     ensure_folder(path.parent)
-    descriptor, name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    try:
+        descriptor, name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        message = f"{path}: cannot write ({error.strerror}); choose another --out"
+        raise SPEError(message) from error
     temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes private files; results are as readable as any other.
+        temporary.chmod(_file_mode())
         temporary.replace(path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        message = f"{path}: cannot write ({error.strerror}); choose another --out"
+        raise SPEError(message) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -204,6 +204,17 @@ def compute_real(
     return add_class_mean(scores, classes)
 
 
+def check_same_kind(reference: CaseSet, other: CaseSet) -> None:
+    """Raise SPEError when one set holds 2-D images and the other volumes."""
+    if reference.is_volume != other.is_volume:
+        kinds = {True: "3-D volumes", False: "2-D images"}
+        message = (
+            f"{reference.source} holds {kinds[reference.is_volume]} but "
+            f"{other.source} holds {kinds[other.is_volume]}; use one kind throughout"
+        )
+        raise SPEError(message)
+
+
 def prepare_references(
     segmenter: InContextSegmenter,
     reference: CaseSet,
@@ -263,6 +274,7 @@ def calibrate(
         logger.warning("per-image estimates need 2-D images; calibrating datasets only")
         per_image = None
     settings.validate()
+    check_same_kind(reference, calibration_set)
     classes, binary = resolve_task([reference, calibration_set], classes)
     prepared = prepare_references(segmenter, reference, settings)
 
@@ -325,11 +337,49 @@ def calibrate(
 
 
 def settings_from_calibration(calibration: Calibration) -> tuple[Settings, list[int]]:
-    """The pipeline settings and classes a calibration was made with."""
+    """The pipeline settings and classes a calibration was made with.
+
+    Raises:
+        SPEError: the recorded settings are missing or of the wrong type (a
+            hand-edited file), or their classes do not match the maps.
+    """
     stored = dict(calibration.settings)
-    classes = [int(label) for label in stored.pop("classes")]
-    known = set(Settings.__dataclass_fields__)
-    return Settings(**{k: v for k, v in stored.items() if k in known}), classes
+    types = {
+        "min_area": int,
+        "max_support": int,
+        "repetitions": int,
+        "threshold": (int, float),
+        "max_references": (int, type(None)),
+        "seed": int,
+        "hd95": str,
+        "slice_axis": (int, type(None)),
+        "intensity": str,
+    }
+    problem = None
+    classes = stored.pop("classes", None)
+    if not isinstance(classes, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in classes
+    ):
+        problem = "classes"
+    else:
+        expected = [str(c) for c in classes] + (["mean"] if len(classes) > 1 else [])
+        if expected != calibration.classes:
+            problem = "classes"
+    for name, kind in types.items():
+        value = stored.get(name, getattr(Settings(), name))
+        if isinstance(value, bool) or not isinstance(value, kind):
+            problem = problem or name
+    if problem is None:
+        try:
+            settings = Settings(**{k: stored[k] for k in types if k in stored})
+            return settings.validate(), list(classes)
+        except SPEError:
+            problem = "a value"
+    message = (
+        f"the calibration's settings are malformed ({problem}); it was edited or "
+        f"damaged, so recalibrate"
+    )
+    raise SPEError(message)
 
 
 @dataclass
@@ -348,6 +398,7 @@ class DatasetEstimate:
     pseudo: PseudoResult
     warnings: list[str]
     per_case: list[dict[str, Any]] = field(default_factory=list)
+    per_case_note: str = ""
 
 
 def estimate(
@@ -370,11 +421,13 @@ def estimate(
     if not 0 < coverage < 1:
         raise SPEError(f"--coverage {coverage}: must be between 0 and 1 (e.g. 0.9)")
     settings, classes = settings_from_calibration(calibration)
+    check_same_kind(reference, target)
     _, binary = resolve_task([reference], classes)
     target = with_binary_masks(target, binary)
     calibration.check_compatible(
         segmenter=segmenter_record(segmenter),
         reference_fingerprint=reference.fingerprint,
+        reference_source=reference.source,
     )
     prepared = prepare_references(segmenter, reference, settings)
 
@@ -405,7 +458,17 @@ def estimate(
         logger.warning(message)
     result = DatasetEstimate(estimates=estimates, pseudo=pseudo, warnings=warnings)
 
-    if calibration.per_image is not None and not target.is_volume:
+    if calibration.per_image is None:
+        result.per_case_note = (
+            "no per-image estimates: the calibration was made without them "
+            "(--no-per-image)"
+        )
+    elif target.is_volume:
+        result.per_case_note = (
+            "no per-image estimates: they are made for 2-D images, and these are "
+            "volumes"
+        )
+    else:
         per_image = settings_from_record(calibration.per_image)
         per_image_reference = prepare_per_image_reference(
             segmenter,

@@ -132,14 +132,21 @@ def load_dataset(
 def choose_checkpoints(validation_dice: Sequence[float], n: int) -> list[int]:
     """Indices of ``n`` checkpoints spread evenly over validation Dice.
 
-    As in the published protocol: sort by validation score and keep evenly
-    spaced ranks, so bad, middling and good models are all represented.
+    The published protocol keeps every k-th checkpoint by validation rank;
+    here the spread is over the Dice values themselves (the checkpoint
+    nearest to each of ``n`` evenly spaced targets between the worst and the
+    best), so that a run of near-identical early models does not crowd out
+    the middle of the quality range.
     """
-    order = np.argsort(np.asarray(validation_dice), kind="stable")
-    if len(order) <= n:
-        return sorted(order.tolist())
-    ranks = np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))
-    return sorted(order[ranks].tolist())
+    dice = np.asarray(validation_dice, dtype=np.float64)
+    if len(dice) <= n:
+        return list(range(len(dice)))
+    chosen: list[int] = []
+    for target in np.linspace(dice.min(), dice.max(), n):
+        distance = np.abs(dice - target)
+        distance[chosen] = np.inf
+        chosen.append(int(np.argmin(distance)))
+    return sorted(chosen)
 
 
 @dataclass

@@ -56,7 +56,11 @@ def create_from_record(
         for key, value in settings.items()
         if key in accepted
     }
-    return segmenter_class(**options | runtime)
+    try:
+        return segmenter_class(**options | runtime)
+    except (TypeError, ValueError) as error:
+        message = f"the recorded {name} settings are invalid ({error}); recalibrate"
+        raise SPEError(message) from error
 
 
 __all__ = [
