@@ -296,7 +296,12 @@ def fit_per_image_map(
         )
     unique = np.unique(groups)
     if len(unique) < 4:
-        raise SPEError("per-image calibration needs at least 4 labeled cases")
+        message = (
+            f"per-image calibration needs at least 4 labeled calibration cases (half "
+            f"fit, half set the intervals), got {len(unique)}; add cases or pass "
+            f"--no-per-image"
+        )
+        raise SPEError(message)
     rng = np.random.default_rng([seed, 31337])
     held_out_groups = set(rng.permutation(unique)[: len(unique) // 2].tolist())
     held_out = np.array([g in held_out_groups for g in groups])
