@@ -174,6 +174,9 @@ def markdown(
     arguments: argparse.Namespace,
 ) -> str:
     """The report: settings, the table, and how it was measured."""
+    resolutions = ", ".join(
+        f"{name} {' x '.join(map(str, create(name).image_size))}" for name in segmenters
+    )
     command = "python benchmarks/in_context_accuracy.py"
     if arguments.segmenters:
         command += f" --segmenters {arguments.segmenters}"
@@ -190,7 +193,7 @@ def markdown(
         f"Supports: {SUPPORTS} training cases with ground-truth masks; queries: "
         f"{QUERIES} test cases (the whole test split when smaller); drawn with "
         f"seed {arguments.seed}. Working resolution: each segmenter's default "
-        f"(128 x 128). Dice is computed at each query's own size, on the "
+        f"({resolutions}). Dice is computed at each query's own size, on the "
         f"probabilities resized back and binarised at {THRESHOLD}; mean "
         f"+- standard deviation over the queries. s/query is the wall time of "
         f"`segment_prepared` divided by the number of queries; preparing the "
