@@ -104,6 +104,7 @@ class TrainingSettings:
         n_saved: checkpoints saved along training, spaced geometrically in
             steps so that early (poor) and late (good) models are both kept.
         seed: seeds initialisation and shuffling.
+        augment: random brightness and contrast during training.
     """
 
     epochs: int = 30
@@ -113,6 +114,7 @@ class TrainingSettings:
     learning_rate: float = 2e-3
     n_saved: int = 40
     seed: int = 0
+    augment: bool = True
 
 
 def normalise_image(image: np.ndarray) -> np.ndarray:
@@ -220,7 +222,10 @@ def train_unet(
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), settings.batch_size):
             batch = order[start : start + settings.batch_size]
-            logits = network(augment(images[batch], generator))
+            inputs = images[batch]
+            if settings.augment:
+                inputs = augment(inputs, generator)
+            logits = network(inputs)
             loss = F.cross_entropy(logits, targets[batch]) + dice_loss(
                 logits, targets[batch]
             )
