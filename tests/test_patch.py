@@ -218,6 +218,7 @@ def test_settings_record_every_option():
         {"patch_radius": -1},
         {"bandwidth": 0.0},
         {"level_shrinks": (2, 4)},
+        {"level_shrinks": (2, 2)},
         {"level_shrinks": ()},
     ],
 )

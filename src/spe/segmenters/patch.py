@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -473,10 +474,11 @@ class PatchFusionSegmenter(InContextSegmenter):
             if not value > 0:
                 problems.append(f"{option}={value} must be > 0")
         shrinks = self.level_shrinks
-        if not shrinks or min(shrinks) < 1 or list(shrinks) != sorted(shrinks)[::-1]:
+        decreasing = all(a > b for a, b in pairwise(shrinks))
+        if not shrinks or min(shrinks) < 1 or not decreasing:
             problems.append(
-                f"level_shrinks={list(shrinks)} must be whole numbers >= 1 from "
-                f"coarse to fine, such as [4, 2]"
+                f"level_shrinks={list(shrinks)} must be distinct whole numbers "
+                f">= 1 from coarse to fine, such as [4, 2]"
             )
         if min(self.image_size) < 1:
             problems.append(f"image_size={list(self.image_size)} must be positive")
@@ -529,6 +531,7 @@ class PatchFusionSegmenter(InContextSegmenter):
         return prepared
 
     def _feature_names(self) -> list[str]:
+        """The :attr:`PreparedImages.features` keys this segmenter reads."""
         names = [DESCRIPTOR, REGISTRATION_IMAGE]
         return names + [LEVEL_FEATURES.format(shrink=s) for s in self.level_shrinks]
 
