@@ -172,6 +172,7 @@ def markdown(
     segmenters: list[str],
     counts: dict[str, tuple[int, int]],
     arguments: argparse.Namespace,
+    load_before: float,
 ) -> str:
     """The report: settings, the table, and how it was measured."""
     resolutions = ", ".join(
@@ -226,8 +227,8 @@ def markdown(
         "",
         f"Preparation, mean per image over the tasks: {', '.join(preparation)}.",
         "",
-        machine_line() + f" Load average when finished: {os.getloadavg()[0]:.1f} "
-        "(other jobs share the CPU; timings are noisy).",
+        machine_line() + f" Load average (1 min) before the run: {load_before:.1f}, "
+        "from other jobs sharing the CPU; timings are noisy when it is high.",
     ]
     return "\n".join(lines)
 
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     requested = arguments.segmenters.split(",") if arguments.segmenters else None
+    load_before = os.getloadavg()[0]
 
     try:
         segmenters = available_segmenters(requested)
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    report = markdown(results, segmenters, counts, arguments)
+    report = markdown(results, segmenters, counts, arguments, load_before)
     print(report)
     write_section("in_context_accuracy", report)
     return 0
