@@ -137,6 +137,36 @@ class LinearMap:
         return self.pseudo_min - slack <= pseudo <= self.pseudo_max + slack
 
 
+def fit_maps(
+    statistic: Sequence[Mapping[str, Mapping[str, float]]],
+    real: Sequence[Mapping[str, Mapping[str, float]]],
+    names: Sequence[str],
+    metrics: Sequence[str],
+) -> tuple[dict[str, dict[str, LinearMap]], dict[str, dict[str, list[list[Any]]]]]:
+    """One line per class and metric from a statistic to the real value.
+
+    Args:
+        statistic, real: per model, class key -> metric -> value.
+        names: the models, for the record of points.
+
+    Returns:
+        (class -> metric -> LinearMap, class -> metric -> [x, y, name] points).
+    """
+    maps: dict[str, dict[str, LinearMap]] = {}
+    points: dict[str, dict[str, list[list[Any]]]] = {}
+    for key in statistic[0]:
+        maps[key], points[key] = {}, {}
+        for metric in metrics:
+            xs = [s[key][metric] for s in statistic]
+            ys = [r[key][metric] for r in real]
+            maps[key][metric] = LinearMap.fit(xs, ys)
+            check_spread(xs, ys, key, metric)
+            points[key][metric] = [
+                [x, y, name] for x, y, name in zip(xs, ys, names, strict=True)
+            ]
+    return maps, points
+
+
 def check_spread(
     pseudo: Sequence[float], real: Sequence[float], key: str, metric: str
 ) -> None:
@@ -213,6 +243,10 @@ class Calibration:
         dataset_level: class -> metric -> LinearMap.
         points: class -> metric -> list of [pseudo, real, name] fitted.
         per_image: per-image calibration (see :mod:`spe.per_image`), or None.
+        from_images: class -> metric -> LinearMap from the mean of the
+            per-image estimates over a set's cases to its real mean: the
+            dataset estimate that holds under distribution shift (see
+            docs/benchmarks.md); None without per-image calibration.
     """
 
     metrics: list[str]
@@ -223,6 +257,7 @@ class Calibration:
     dataset_level: dict[str, dict[str, LinearMap]]
     points: dict[str, dict[str, list[list[Any]]]] = field(default_factory=dict)
     per_image: dict[str, Any] | None = None
+    from_images: dict[str, dict[str, LinearMap]] | None = None
 
     @classmethod
     def fit(
@@ -243,18 +278,7 @@ class Calibration:
             names: the checkpoint or model names, for the record.
         """
         classes = list(pseudo[0])
-        dataset_level: dict[str, dict[str, LinearMap]] = {}
-        points: dict[str, dict[str, list[list[Any]]]] = {}
-        for key in classes:
-            dataset_level[key], points[key] = {}, {}
-            for metric in metrics:
-                xs = [p[key][metric] for p in pseudo]
-                ys = [r[key][metric] for r in real]
-                dataset_level[key][metric] = LinearMap.fit(xs, ys)
-                check_spread(xs, ys, key, metric)
-                points[key][metric] = [
-                    [x, y, name] for x, y, name in zip(xs, ys, names, strict=True)
-                ]
+        dataset_level, points = fit_maps(pseudo, real, names, metrics)
         return cls(
             metrics=list(metrics),
             classes=classes,
@@ -284,6 +308,12 @@ class Calibration:
             },
             "points": self.points,
             "per_image": self.per_image,
+            "dataset_level_from_images": None
+            if self.from_images is None
+            else {
+                key: {metric: asdict(fit) for metric, fit in maps.items()}
+                for key, maps in self.from_images.items()
+            },
         }
 
     def save(self, path: Path | str) -> Path:
@@ -352,26 +382,12 @@ class Calibration:
         if not isinstance(data["dataset_level"], dict):
             raise malformed("dataset_level")
 
-        fields = set(LinearMap.__dataclass_fields__)
-        dataset_level: dict[str, dict[str, LinearMap]] = {}
-        for key in classes:
-            maps = data["dataset_level"].get(key)
-            if not isinstance(maps, dict):
-                raise SPEError(f"{source}: no calibration for class {key}")
-            dataset_level[key] = {}
-            for metric in metrics:
-                values = maps.get(metric)
-                if not isinstance(values, dict) or set(values) != fields:
-                    raise malformed(f"calibration of {metric} (class {key})")
-                if not all(_is_finite_number(v) for v in values.values()):
-                    raise malformed(f"calibration of {metric} (class {key})")
-                if (
-                    values["n_points"] < MIN_POINTS
-                    or values["residual_sd"] < 0
-                    or values["pseudo_sxx"] < 0
-                ):
-                    raise malformed(f"calibration of {metric} (class {key})")
-                dataset_level[key][metric] = LinearMap(**values)
+        dataset_level = _read_maps(data["dataset_level"], classes, metrics, source)
+        from_images = data.get("dataset_level_from_images")
+        if from_images is not None:
+            if not isinstance(from_images, dict):
+                raise malformed("dataset_level_from_images")
+            from_images = _read_maps(from_images, classes, metrics, source)
         return cls(
             metrics=list(data["metrics"]),
             classes=list(data["classes"]),
@@ -381,6 +397,7 @@ class Calibration:
             dataset_level=dataset_level,
             points=data.get("points") or {},
             per_image=data.get("per_image"),
+            from_images=from_images,
         )
 
     # -- reuse ------------------------------------------------------------------
@@ -418,6 +435,36 @@ class Calibration:
                 f"and labels"
             )
             raise SPEError(message)
+
+
+def _read_maps(
+    data: dict[str, Any], classes: list[str], metrics: list[str], source: str
+) -> dict[str, dict[str, LinearMap]]:
+    """class -> metric -> LinearMap from JSON, every field checked."""
+    fields = set(LinearMap.__dataclass_fields__)
+    maps: dict[str, dict[str, LinearMap]] = {}
+    for key in classes:
+        per_class = data.get(key)
+        if not isinstance(per_class, dict):
+            raise SPEError(f"{source}: no calibration for class {key}")
+        maps[key] = {}
+        for metric in metrics:
+            values = per_class.get(metric)
+            if (
+                not isinstance(values, dict)
+                or set(values) != fields
+                or not all(_is_finite_number(v) for v in values.values())
+                or values["n_points"] < MIN_POINTS
+                or values["residual_sd"] < 0
+                or values["pseudo_sxx"] < 0
+            ):
+                message = (
+                    f"{source}: calibration of {metric} (class {key}) is malformed; "
+                    f"recalibrate"
+                )
+                raise SPEError(message)
+            maps[key][metric] = LinearMap(**values)
+    return maps
 
 
 def _is_list_of(value: Any, kind: type) -> bool:

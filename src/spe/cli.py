@@ -468,7 +468,9 @@ def estimate_output(args, target, result, segmenter) -> dict:
         "calibration": str(args.calibration),
         "n_cases": len(target),
         "coverage": args.coverage,
+        "method": result.method,
         "estimates": result.estimates,
+        "estimates_from_pseudo": result.published,
         "support": result.pseudo.support,
         "warnings": result.warnings,
         "per_case": {
@@ -508,21 +510,18 @@ def print_estimates(output: dict) -> None:
             metric,
             values["estimate"],
             f"[{values['low']:.4g}, {values['high']:.4g}]",
-            values["pseudo"],
             "yes" if values["in_calibrated_range"] else "NO",
+            output["estimates_from_pseudo"][key][metric]["estimate"],
         ]
         for key, metrics in output["estimates"].items()
         for metric, values in metrics.items()
     ]
     print(
-        f"{output['n_cases']} cases; {100 * output['coverage']:.4g}% "
-        f"prediction intervals"
+        f"{output['n_cases']} cases; {100 * output['coverage']:.4g}% prediction "
+        f"intervals; estimates from the {output['method']}"
     )
-    print(
-        format_table(
-            ["class", "metric", "estimate", "interval", "pseudo", "in range"], rows
-        )
-    )
+    header = ["class", "metric", "estimate", "interval", "in range", "from pseudo"]
+    print(format_table(header, rows))
     per_case = output["per_case"]
     if per_case["available"]:
         names = per_case["flagged"]
@@ -784,38 +783,32 @@ def results_table(results: dict) -> str:
     def number(value):
         return "n/a" if value is None else value
 
+    published = results.get("dataset_level_published")
     rows = []
     for metric in PIPELINE_METRICS:
         method = results["dataset_level"][metric]
         training = results["baselines"]["training_score"][metric]
         area = results["baselines"]["prediction_area"][metric]
-        rows.append(
-            [
-                metric,
-                number(method["pearson_r"]),
-                method["mae"],
-                method["coverage"],
-                number(training["pearson_r"]),
-                training["mae"],
-                number(area["pearson_r"]),
-                area["mae"],
-            ]
-        )
-    header = [
-        "metric",
-        "r",
-        "MAE",
-        "coverage",
-        "train r",
-        "train MAE",
-        "area r",
-        "area MAE",
-    ]
+        row = [metric, number(method["pearson_r"]), method["mae"], method["coverage"]]
+        if published:
+            row += [number(published[metric]["pearson_r"]), published[metric]["mae"]]
+        row += [
+            number(training["pearson_r"]),
+            training["mae"],
+            number(area["pearson_r"]),
+            area["mae"],
+        ]
+        rows.append(row)
+    header = ["metric", "r", "MAE", "coverage"]
+    if published:
+        header += ["pseudo r", "pseudo MAE"]
+    header += ["train r", "train MAE", "area r", "area MAE"]
     title = (
         f"{results['dataset']}: estimates on extra_test over "
         f"{results['dataset_level']['dice']['n_checkpoints']} checkpoints "
-        f"({results['segmenter']} segmenter, {results['seconds']:.0f} s); "
-        f"baselines: training score, prediction area"
+        f"({results['segmenter']} segmenter, from the {results['method']}, "
+        f"{results['seconds']:.0f} s); next to it: the published estimate from the "
+        f"pseudo metrics, and the baselines (training score, prediction area)"
     )
     text = title + "\n" + format_table(header, rows)
     per_image = results.get("per_image")
@@ -866,8 +859,8 @@ def add_reproduce_options(
     group.add_argument(
         "--per-image-checkpoints",
         type=int,
-        default=5,
-        help="checkpoints used for the per-image evaluation (5)",
+        default=None,
+        help="checkpoints used for the per-image evaluation (default: all)",
     )
     group.add_argument(
         "--per-image-max-cases",

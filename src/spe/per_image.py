@@ -613,3 +613,27 @@ def evaluate_per_image(
             "n_failures": int(np.sum(failures)),
         }
     return results
+
+
+def mean_estimates(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Class key -> metric -> mean of the per-case estimates (and "mean").
+
+    This is the statistic of the dataset estimate that holds under
+    distribution shift: each image is judged by its own reverse
+    segmentations, so an appearance change that a large support set would
+    average away still shows.
+    """
+    keys = list(dict.fromkeys(row["class"] for row in rows))
+    means = {
+        key: {
+            metric: float(np.mean([row[metric] for row in rows if row["class"] == key]))
+            for metric in PER_IMAGE_METRICS
+        }
+        for key in keys
+    }
+    if len(keys) > 1:
+        means["mean"] = {
+            metric: float(np.mean([means[key][metric] for key in keys]))
+            for metric in PER_IMAGE_METRICS
+        }
+    return means

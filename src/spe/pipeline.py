@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from spe.calibration import Calibration, apply_map
+from spe.calibration import Calibration, apply_map, fit_maps
 from spe.cases import CaseSet, resolve_task, with_binary_masks
 from spe.errors import SPEError
 from spe.intensity import INTENSITY_MODES
@@ -25,6 +25,7 @@ from spe.per_image import (
     estimate_cases,
     fit_per_image,
     make_descriptor,
+    mean_estimates,
     prepare_per_image_reference,
     real_per_case,
     settings_from_record,
@@ -333,6 +334,20 @@ def calibrate(
             per_image,
             seed=settings.seed,
         )
+        # The dataset estimate from per-image ones: a line per class and metric
+        # from the mean per-image estimate of each model to its real mean.
+        means = [
+            mean_estimates(
+                estimate_cases(
+                    calibration.per_image,
+                    scores,
+                    calibration_set.case_ids,
+                    coverage=0.9,
+                )
+            )
+            for scores in image_scores
+        ]
+        calibration.from_images, _ = fit_maps(means, real, names, PIPELINE_METRICS)
     return calibration
 
 
@@ -387,8 +402,11 @@ class DatasetEstimate:
     """Estimates for one set of predictions.
 
     Attributes:
-        estimates: class key -> metric -> Estimate as a dict.
-        pseudo: the pseudo metrics behind them.
+        estimates: class key -> metric -> Estimate as a dict: from the mean
+            per-image estimate when available (``method`` "per-image mean"),
+            else from the pseudo metrics (``method`` "pseudo").
+        pseudo: the pseudo metrics.
+        published: the estimates from the pseudo metrics, as published.
         warnings: extrapolation and empty-support warnings.
         per_case: per-image rows (see :func:`spe.per_image.estimate_cases`),
             empty when the calibration has no per-image part or for volumes.
@@ -397,6 +415,8 @@ class DatasetEstimate:
     estimates: dict[str, dict[str, Any]]
     pseudo: PseudoResult
     warnings: list[str]
+    published: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: str = "pseudo"
     per_case: list[dict[str, Any]] = field(default_factory=list)
     per_case_note: str = ""
 
@@ -432,31 +452,24 @@ def estimate(
     prepared = prepare_references(segmenter, reference, settings)
 
     pseudo = compute_pseudo(segmenter, prepared, target, classes, settings)
-    estimates: dict[str, dict[str, Any]] = {}
-    warnings = []
-    for key in calibration.classes:
-        estimates[key] = {}
-        for metric in calibration.metrics:
-            value = pseudo.scores[key][metric]
-            result = apply_map(
-                calibration.dataset_level[key][metric], metric, value, coverage=coverage
-            )
-            estimates[key][metric] = result.as_dict()
-            if not result.in_calibrated_range:
-                linear = calibration.dataset_level[key][metric]
-                warnings.append(
-                    f"class {key} {metric}: pseudo value {value:.4g} is outside the "
-                    f"calibrated range [{linear.pseudo_min:.4g}, "
-                    f"{linear.pseudo_max:.4g}]; the estimate extrapolates"
-                )
+    published, warnings = apply_maps(
+        calibration.dataset_level,
+        pseudo.scores,
+        coverage=coverage,
+        statistic_name="pseudo",
+    )
     for key in pseudo.empty_support_classes:
         warnings.append(
             f"class {key}: the model predicted no region of {settings.min_area} or "
             f"more pixels; the estimate is that of an empty segmentation"
         )
-    for message in warnings:
-        logger.warning(message)
-    result = DatasetEstimate(estimates=estimates, pseudo=pseudo, warnings=warnings)
+    result = DatasetEstimate(
+        estimates=published,
+        pseudo=pseudo,
+        warnings=warnings,
+        published=published,
+        method="pseudo",
+    )
 
     if calibration.per_image is None:
         result.per_case_note = (
@@ -494,4 +507,49 @@ def estimate(
             flag_metric=flag_metric,
             flag_threshold=flag_threshold,
         )
+
+    # The per-image mean is the dataset estimate whenever it is available.
+    if calibration.from_images is not None and result.per_case:
+        result.estimates, image_warnings = apply_maps(
+            calibration.from_images,
+            mean_estimates(result.per_case),
+            coverage=coverage,
+            statistic_name="mean per-image estimate",
+        )
+        result.method = "per-image mean"
+        result.warnings = image_warnings + [
+            w for w in result.warnings if "empty segmentation" in w
+        ]
+    for message in result.warnings:
+        logger.warning(message)
     return result
+
+
+def apply_maps(
+    maps: dict[str, dict[str, Any]],
+    statistic: dict[str, dict[str, float]],
+    *,
+    coverage: float,
+    statistic_name: str = "pseudo",
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """G applied to a statistic per class and metric, with range warnings.
+
+    Returns:
+        (class -> metric -> Estimate as a dict, warnings).
+    """
+    label = statistic_name
+    estimates: dict[str, dict[str, Any]] = {}
+    warnings = []
+    for key, per_metric in maps.items():
+        estimates[key] = {}
+        for metric, linear in per_metric.items():
+            value = statistic[key][metric]
+            result = apply_map(linear, metric, value, coverage=coverage)
+            estimates[key][metric] = result.as_dict()
+            if not result.in_calibrated_range:
+                warnings.append(
+                    f"class {key} {metric}: {label} value {value:.4g} is outside the "
+                    f"calibrated range [{linear.pseudo_min:.4g}, "
+                    f"{linear.pseudo_max:.4g}]; the estimate extrapolates"
+                )
+    return estimates, warnings
