@@ -203,9 +203,12 @@ def test_no_support_is_an_empty_segmentation(workspace, calibration_file, capsys
     assert code == 0, err
     result = json.loads(out)
     assert result["support"]["1"]["n_support"] == 0
-    assert result["estimates"]["1"]["dice"]["pseudo"] == 0.0
+    assert result["estimates_from_pseudo"]["1"]["dice"]["pseudo"] == 0.0
     assert any("empty segmentation" in w for w in result["warnings"])
-    # An empty pseudo Dice lies below anything seen in calibration.
+    # Every image is flagged, and the dataset estimate lies far below any
+    # model seen in calibration.
+    assert result["estimates"]["1"]["dice"]["estimate"] < 0.2
+    assert result["per_case"]["n_flagged"] == 8
     assert any("outside the calibrated range" in w for w in result["warnings"])
 
 

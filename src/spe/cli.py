@@ -243,8 +243,9 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
         "--intensity",
         choices=INTENSITY_MODES,
         default=defaults.intensity,
-        help="standardise support and reference intensities first: equalize "
-        "helps when the target images come from another scanner (minmax)",
+        help="intensity standardisation of support and reference images: local "
+        "(default; robust to other scanners and shading), minmax (as published), "
+        "equalize",
     )
 
 
