@@ -41,7 +41,7 @@ import numpy as np
 from _report import machine_line, write_section
 from tqdm import tqdm
 
-from spe.calibration import LinearMap, apply_map, clip_metric
+from spe.calibration import LinearMap, apply_map, clip_metric, widen_by_disagreement
 from spe.cases import Case, CaseSet, load_labeled
 from spe.evaluation import foreground_fraction, interval_coverage, pearson_r
 from spe.intensity import INTENSITY_MODES
@@ -193,7 +193,8 @@ class Estimator:
         self.settings = replace(settings, intensity=intensity)
         self.segmenter = create("patch", seed=seed)
         self.reference = prepare_references(self.segmenter, run.data.fit, self.settings)
-        self.points: list[tuple[float, float, str]] = []  # pseudo, real, family
+        # (statistic G maps, pseudo Dice, real Dice, shift family) per point.
+        self.points: list[tuple[float, float, float, str]] = []
 
         if self.per_image_mode:
             self.per_image = PerImageSettings()
@@ -208,7 +209,7 @@ class Estimator:
         for record in wrap(run.records, f"calibrating {variant}"):
             target = predictions_of_test(record, run)
             self.points.append(
-                (self.pseudo(target), record.real["test"]["1"]["dice"], "none")
+                (*self.statistics(target), record.real["test"]["1"]["dice"], "none")
             )
         if self.shift_aware:
             chosen = [
@@ -221,7 +222,7 @@ class Estimator:
                 for record in chosen:
                     point = make_point(run, record, truth, shift.name, shift.family)
                     self.points.append(
-                        (self.pseudo(point.predicted), point.real, shift.family)
+                        (*self.statistics(point.predicted), point.real, shift.family)
                     )
 
         self.area_line = LinearMap.fit(
@@ -254,30 +255,37 @@ class Estimator:
             hd95="max",
         )
 
-    def pseudo(self, target: CaseSet) -> float:
-        """The statistic G maps: pseudo Dice, or the mean per-image estimate."""
-        if self.per_image_mode:
-            rows = estimate_cases(
-                self.per_image_record,
-                self._scores(target),
-                target.case_ids,
-                coverage=0.9,
-            )
-            return float(np.mean([row["dice"] for row in rows]))
-        return compute_pseudo(
+    def statistics(self, target: CaseSet) -> tuple[float, float]:
+        """(the statistic G maps, the pseudo Dice): they are the same unless
+        the dataset estimate comes from the mean per-image estimate."""
+        pseudo = compute_pseudo(
             self.segmenter, self.reference, target, [1], self.settings
         ).scores["1"]["dice"]
+        if not self.per_image_mode:
+            return pseudo, pseudo
+        rows = estimate_cases(
+            self.per_image_record, self._scores(target), target.case_ids, coverage=0.9
+        )
+        return float(np.mean([row["dice"] for row in rows])), pseudo
 
     def estimate(self, point: Point) -> dict[str, float]:
         """Estimate, interval and baselines for one point."""
-        used = [(x, y) for x, y, family in self.points if family != point.family]
-        line = LinearMap.fit([x for x, _ in used], [y for _, y in used])
-        result = apply_map(line, "dice", self.pseudo(point.predicted), coverage=0.9)
+        used = [p for p in self.points if p[3] != point.family]
+        real = [p[2] for p in used]
+        statistic, pseudo = self.statistics(point.predicted)
+        line = LinearMap.fit([p[0] for p in used], real)
+        result = apply_map(line, "dice", statistic, coverage=0.9).as_dict()
+        if self.per_image_mode:
+            # As the product does: widen by the disagreement with the
+            # pseudo-based estimate.
+            pseudo_line = LinearMap.fit([p[1] for p in used], real)
+            published = apply_map(pseudo_line, "dice", pseudo, coverage=0.9)
+            result = widen_by_disagreement(result, published.as_dict(), "dice")
         return {
             "real": point.real,
-            "estimate": result.estimate,
-            "low": result.low,
-            "high": result.high,
+            "estimate": result["estimate"],
+            "low": result["low"],
+            "high": result["high"],
             "training_score": point.record.validation["1"]["dice"],
             "prediction_area": clip_metric("dice", self.area_line.predict(point.area)),
         }

@@ -224,6 +224,31 @@ def apply_map(
     )
 
 
+def widen_by_disagreement(
+    primary: dict[str, Any], secondary: dict[str, Any], metric: str
+) -> dict[str, Any]:
+    """The primary estimate with its interval widened by a second estimator.
+
+    Two estimators with different failure modes (the mean of per-image
+    estimates, and the pseudo metrics of a large support set) agree on data
+    like the calibration set; when new images differ, they drift apart. The
+    half width becomes sqrt(h^2 + d^2), with h the primary half width and d
+    the difference of the two estimates, so the interval grows where the
+    calibration is least trustworthy.
+
+    Args:
+        primary, secondary: Estimate dicts (``estimate``, ``low``, ``high``).
+    """
+    half = (primary["high"] - primary["low"]) / 2
+    disagreement = primary["estimate"] - secondary["estimate"]
+    widened = math.sqrt(half**2 + disagreement**2)
+    return primary | {
+        "low": clip_metric(metric, primary["estimate"] - widened),
+        "high": clip_metric(metric, primary["estimate"] + widened),
+        "disagreement": disagreement,
+    }
+
+
 # ---------------------------------------------------------------------------
 # The calibration file
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from spe.calibration import Calibration, apply_map, fit_maps
+from spe.calibration import Calibration, apply_map, fit_maps, widen_by_disagreement
 from spe.cases import CaseSet, resolve_task, with_binary_masks
 from spe.errors import SPEError
 from spe.intensity import INTENSITY_MODES
@@ -512,12 +512,19 @@ def estimate(
 
     # The per-image mean is the dataset estimate whenever it is available.
     if calibration.from_images is not None and result.per_case:
-        result.estimates, image_warnings = apply_maps(
+        from_images, image_warnings = apply_maps(
             calibration.from_images,
             mean_estimates(result.per_case),
             coverage=coverage,
             statistic_name="mean per-image estimate",
         )
+        result.estimates = {
+            key: {
+                metric: widen_by_disagreement(values, published[key][metric], metric)
+                for metric, values in per_metric.items()
+            }
+            for key, per_metric in from_images.items()
+        }
         result.method = "per-image mean"
         result.warnings = image_warnings + [
             w for w in result.warnings if "empty segmentation" in w

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from spe.calibration import Calibration, LinearMap, apply_map, clip_metric, fit_maps
+from spe.calibration import (
+    Calibration,
+    LinearMap,
+    apply_map,
+    clip_metric,
+    fit_maps,
+    widen_by_disagreement,
+)
 from spe.cases import CaseSet, load_labeled, resolve_task
 from spe.errors import SPEError
 from spe.evaluation import foreground_fraction, interval_coverage, score_estimator
@@ -705,24 +712,34 @@ def per_image_step(
             logger.warning("no dataset estimate from per-image ones: %s", error)
             return {"per_image": evaluation, "per_image_settings": settings_record}
         main_key = context["keys"][-1]
+        calibration = context["calibration"]
         from_images = {}
         for metric in PIPELINE_METRICS:
             estimates = [
-                apply_map(
-                    maps[main_key][metric],
+                widen_by_disagreement(
+                    apply_map(
+                        maps[main_key][metric],
+                        metric,
+                        m[main_key][metric],
+                        coverage=coverage,
+                    ).as_dict(),
+                    apply_map(
+                        calibration.dataset_level[main_key][metric],
+                        metric,
+                        checkpoint.pseudo["extra_test"][main_key][metric],
+                        coverage=coverage,
+                    ).as_dict(),
                     metric,
-                    m[main_key][metric],
-                    coverage=coverage,
                 )
-                for m in means["extra_test"]
+                for m, checkpoint in zip(means["extra_test"], chosen, strict=True)
             ]
             truth = [r[main_key][metric] for r in real_means["extra_test"]]
             from_images[metric] = score_estimator(
-                [e.estimate for e in estimates], truth
+                [e["estimate"] for e in estimates], truth
             ) | {
                 "n_checkpoints": len(chosen),
                 "coverage": interval_coverage(
-                    [e.low for e in estimates], [e.high for e in estimates], truth
+                    [e["low"] for e in estimates], [e["high"] for e in estimates], truth
                 ),
             }
         return {
