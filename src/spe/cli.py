@@ -242,16 +242,23 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--intensity",
         choices=INTENSITY_MODES,
-        default=defaults.intensity,
+        default=None,
         help="intensity standardisation of support and reference images: local "
-        "(default; robust to other scanners and shading), minmax (as published), "
-        "equalize",
+        "(default for patch and atlas; robust to other scanners and shading), "
+        "minmax (as published; default for universeg), equalize",
     )
 
 
-def pipeline_settings(args: argparse.Namespace):
+def pipeline_settings(args: argparse.Namespace, segmenter):
+    """The reverse-step settings from the options, for ``segmenter``."""
     from spe.pipeline import Settings
 
+    intensity = args.intensity
+    if intensity is None:
+        # Limitation: UniverSeg was trained on min-max scaled images, and how
+        # it fares on locally standardised ones is unmeasured (its weights are
+        # not available here); it keeps its published input by default.
+        intensity = "minmax" if segmenter.name == "universeg" else "local"
     return Settings(
         min_area=args.min_area,
         max_support=args.max_support,
@@ -261,7 +268,7 @@ def pipeline_settings(args: argparse.Namespace):
         seed=args.seed,
         hd95=args.hd95,
         slice_axis=args.slice_axis,
-        intensity=args.intensity,
+        intensity=intensity,
     ).validate()
 
 
@@ -310,8 +317,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from spe.pipeline import calibrate
     from spe.scoring import parse_classes
 
-    settings = pipeline_settings(args)
     segmenter = make_segmenter(args)
+    settings = pipeline_settings(args, segmenter)
     print(f"segmenter: {segmenter.name}", file=sys.stderr)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
     calibration_set = load_labeled(args.calibration, labels_name=args.labels_name)
@@ -725,8 +732,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     )
     from spe.unet import TrainingSettings
 
-    settings = pipeline_settings(args)
     segmenter = make_segmenter(args)
+    settings = pipeline_settings(args, segmenter)
     print(f"segmenter: {segmenter.name}", file=sys.stderr if args.json else sys.stdout)
     sys.stdout.flush()
     training = TrainingSettings(
