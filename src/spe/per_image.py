@@ -160,6 +160,12 @@ def reverse_scores(
     support_masks = segmenter.prepare_masks(
         [class_mask(case.mask, label) for case in target.cases]
     )
+    if k > len(reference.cases):
+        logger.warning(
+            "k = %d but the reference set has %d images; using all of them",
+            k,
+            len(reference.cases),
+        )
     neighbours = nearest(descriptor(support.pixels), reference.descriptors, k)
     k = neighbours.shape[1]
 
