@@ -220,3 +220,30 @@ def test_volumes_against_a_two_dimensional_calibration(
         "-q",
     )
     assert "holds 2-D images but" in message and "3-D volumes" in message
+
+
+def test_predictions_of_another_task_are_refused(calibration_file, datasets, capsys):
+    root = calibration_file.parent
+    jsrt = datasets / "jsrt" / "extra_test"
+    images = sorted((jsrt / "images").iterdir())[:3]
+    multiclass = root / "multiclass_predictions"
+    for path in images:
+        label = np.asarray(Image.open(jsrt / "labels_multiclass" / path.name))
+        save(multiclass, path.name, label)
+        save(root / "few_images", path.name, np.asarray(Image.open(path)))
+    message = one_line_error(
+        capsys,
+        "estimate",
+        "--calibration",
+        str(calibration_file),
+        "--reference",
+        str(root / "reference"),
+        "--images",
+        str(root / "few_images"),
+        "--predictions",
+        str(multiclass),
+        "--out",
+        str(root / "out_labels"),
+        "-q",
+    )
+    assert "holds labels [1, 2] but the task is binary" in message

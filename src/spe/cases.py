@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from spe import io
 from spe.errors import SPEError
-from spe.metrics import binarize, task_classes
+from spe.metrics import binarize, is_binary_task, labels_seen, task_classes
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,37 @@ def resolve_task(
     return classes, binary
 
 
-def with_binary_masks(cases: CaseSet, binary: bool) -> CaseSet:
-    """For a binary task, the same cases with masks as 0/1 (``value > 0``)."""
+def with_binary_masks(
+    cases: CaseSet, binary: bool, *, allowed: Sequence[int] | None = None
+) -> CaseSet:
+    """A model's predictions checked against the task, as the task stores masks.
+
+    For a binary task the masks become 0/1 (``value > 0``); a prediction with
+    several labels is an error, since it belongs to another task. For a task
+    with several classes, labels outside ``allowed`` (the labels of the
+    ground truth) are an error.
+
+    Raises:
+        SPEError: naming the case, its labels and the task's.
+    """
+    for case in cases.cases:
+        if case.mask is None:
+            continue
+        labels = labels_seen([case.mask])
+        if binary and not is_binary_task(labels):
+            message = (
+                f"{cases.source}: the prediction of case {case.case_id!r} holds labels "
+                f"{sorted(labels)} but the task is binary (one foreground label); "
+                f"give predictions of the calibrated task"
+            )
+            raise SPEError(message)
+        if not binary and allowed is not None and not labels <= set(allowed):
+            message = (
+                f"{cases.source}: the prediction of case {case.case_id!r} holds labels "
+                f"{sorted(labels - set(allowed))} that the ground truth never uses "
+                f"(it has {sorted(allowed)}); check the label values"
+            )
+            raise SPEError(message)
     if not binary:
         return cases
     return CaseSet(

@@ -349,28 +349,31 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     calibration.save(args.out)
 
-    rows = []
-    for key in calibration.classes:
-        for metric in calibration.metrics:
-            fit = calibration.dataset_level[key][metric]
-            rows.append(
-                [
-                    key,
-                    metric,
-                    fit.slope,
-                    fit.intercept,
-                    fit.residual_sd,
-                    f"[{fit.pseudo_min:.3g}, {fit.pseudo_max:.3g}]",
-                ]
-            )
+    # Show the map the estimates will use: from the mean per-image estimate
+    # when there is one, else from the pseudo metrics.
+    maps, statistic = calibration.dataset_level, "pseudo metric"
+    if calibration.from_images is not None:
+        maps, statistic = calibration.from_images, "mean per-image estimate"
+    rows = [
+        [
+            key,
+            metric,
+            fit.slope,
+            fit.intercept,
+            fit.residual_sd,
+            f"[{fit.pseudo_min:.3g}, {fit.pseudo_max:.3g}]",
+        ]
+        for key in calibration.classes
+        for metric, fit in maps[key].items()
+    ]
     print(
         f"calibrated on {len(folders)} models x {len(calibration_set)} cases; "
         f"wrote {args.out}"
     )
+    print(f"real ~ slope x ({statistic}) + intercept; the range is the one seen:")
     print(
         format_table(
-            ["class", "metric", "slope", "intercept", "residual_sd", "pseudo range"],
-            rows,
+            ["class", "metric", "slope", "intercept", "residual_sd", "range"], rows
         )
     )
     return 0
@@ -493,7 +496,9 @@ def estimate_output(args, target, result, segmenter) -> dict:
     }
 
 
-def write_estimate_files(args, output: dict, result, name: str) -> None:
+def write_estimate_files(
+    args, output: dict, result, name: str, *, columns: Sequence[str] | None = None
+) -> None:
     """``name`` (the JSON summary) and, with per-image estimates, per_case.csv."""
     from spe.outputs import ensure_folder, write_csv_atomic, write_json_atomic
     from spe.per_image import PER_CASE_COLUMNS
@@ -501,7 +506,7 @@ def write_estimate_files(args, output: dict, result, name: str) -> None:
     out = ensure_folder(args.out)
     per_case = out / "per_case.csv"
     if result.per_case:
-        write_csv_atomic(per_case, result.per_case, PER_CASE_COLUMNS)
+        write_csv_atomic(per_case, result.per_case, columns or PER_CASE_COLUMNS)
     elif per_case.exists():
         # An earlier run's per-case file must not pass for this run's.
         per_case.unlink()
@@ -562,7 +567,12 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from spe.outputs import dumps_json
-    from spe.per_image import evaluate_per_image, real_per_case
+    from spe.per_image import (
+        PER_CASE_COLUMNS,
+        PER_IMAGE_METRICS,
+        evaluate_per_image,
+        real_per_case,
+    )
     from spe.pipeline import compute_real, settings_from_calibration
 
     target, truth, result, segmenter, calibration = estimate_from_args(
@@ -583,10 +593,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
             for metric, values in metrics.items()
         }
     output["dataset_level"] = dataset_level
+    columns = None
     if result.per_case:
         per_case_real = real_per_case(target, truth, classes, hd95=settings.hd95)
         output["per_image"] = evaluate_per_image(result.per_case, per_case_real)
-    write_estimate_files(args, output, result, "evaluation.json")
+        # Each row gains the real values, so wrong estimates can be looked up.
+        position = {case.case_id: i for i, case in enumerate(target.cases)}
+        for row in result.per_case:
+            values = per_case_real[row["class"]][position[row["case_id"]]]
+            for metric, value in zip(PER_IMAGE_METRICS, values, strict=True):
+                row[f"{metric}_real"] = float(value)
+        columns = [*PER_CASE_COLUMNS, *(f"{m}_real" for m in PER_IMAGE_METRICS)]
+    write_estimate_files(args, output, result, "evaluation.json", columns=columns)
     if args.json:
         sys.stdout.write(dumps_json(output))
         return 0
@@ -1128,9 +1146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
     except SystemExit as exit:  # usage errors, --help and --version
         return int(exit.code or 0)
+    if extras:
+        words = ["spe", args.command, getattr(args, "action", None)]
+        command = " ".join(word for word in words if word)
+        print(
+            f"spe: error: {command} does not take {' '.join(extras)} "
+            f"(see {command} --help)",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=logging.WARNING,
         format="spe: %(levelname)s: %(message)s",
@@ -1148,6 +1175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (``spe ... | head``): not an error.
+        # Point stdout at nothing so that Python's exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:
         if args.debug:
             traceback.print_exc()

@@ -18,7 +18,7 @@ from spe.calibration import Calibration, apply_map, fit_maps, widen_by_disagreem
 from spe.cases import CaseSet, resolve_task, with_binary_masks
 from spe.errors import SPEError
 from spe.intensity import INTENSITY_MODES
-from spe.metrics import summarize_class
+from spe.metrics import labels_seen, summarize_class
 from spe.per_image import (
     PerImageSettings,
     collect_scores,
@@ -207,6 +207,13 @@ def compute_real(
     return add_class_mean(scores, classes)
 
 
+def ground_truth_labels(*truth_sets: CaseSet) -> list[int]:
+    """Every label the ground truth of these sets uses (predictions may too)."""
+    return sorted(
+        labels_seen(case.mask for cases in truth_sets for case in cases.cases)
+    )
+
+
 def check_same_kind(reference: CaseSet, other: CaseSet) -> None:
     """Raise SPEError when one set holds 2-D images and the other volumes."""
     if reference.is_volume != other.is_volume:
@@ -279,6 +286,7 @@ def calibrate(
     settings.validate()
     check_same_kind(reference, calibration_set)
     classes, binary = resolve_task([reference, calibration_set], classes)
+    allowed = ground_truth_labels(reference, calibration_set)
     prepared = prepare_references(segmenter, reference, settings)
 
     per_image_reference = None
@@ -295,7 +303,9 @@ def calibrate(
     iterator = progress(names) if progress else names
     for name in iterator:
         predicted = with_binary_masks(
-            calibration_set.with_masks(dict(predictions[name]), source=name), binary
+            calibration_set.with_masks(dict(predictions[name]), source=name),
+            binary,
+            allowed=allowed,
         )
         pseudo.append(
             compute_pseudo(segmenter, prepared, predicted, classes, settings).scores
@@ -445,7 +455,7 @@ def estimate(
     settings, classes = settings_from_calibration(calibration)
     check_same_kind(reference, target)
     _, binary = resolve_task([reference], classes)
-    target = with_binary_masks(target, binary)
+    target = with_binary_masks(target, binary, allowed=ground_truth_labels(reference))
     calibration.check_compatible(
         segmenter=segmenter_record(segmenter),
         reference_fingerprint=reference.fingerprint,

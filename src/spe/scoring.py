@@ -25,6 +25,8 @@ from spe.metrics import (
     binary_metrics,
     class_mask,
     diagonal_mm,
+    is_binary_task,
+    labels_seen,
     mean_over_classes,
     summarize_class,
     task_classes,
@@ -202,6 +204,14 @@ def score_folders(
     )
     logger.info("scoring classes %s", classes)
     if binary:
+        for _, prediction, _ in pairs:
+            labels = labels_seen([prediction.array])
+            if not is_binary_task(labels):
+                message = (
+                    f"{prediction.path}: holds labels {sorted(labels)} but the ground "
+                    f"truth is binary; pass predictions of the same task"
+                )
+                raise SPEError(message)
         pairs = [
             (
                 case_id,
