@@ -283,21 +283,13 @@ class AtlasSegmenter(InContextSegmenter):
         )
         return self._fuse(warped_masks, scores, atlases=atlases)
 
-    def segment_paired(
+    def _segment_pairs(
         self,
         support: PreparedImages,
         support_masks: torch.Tensor,
         queries: PreparedImages,
     ) -> torch.Tensor:
-        """Warp support mask i onto query i, for every i, in one batch.
-
-        Returns:
-            (N, H, W) float32 probabilities in [0, 1] at the working resolution.
-        """
-        if len(support) != len(queries):
-            raise ValueError("segment_paired needs as many supports as queries")
-        if len(queries) == 0:
-            return torch.zeros((0, *self.image_size), dtype=torch.float32)
+        """Warp support mask i onto query i, for every i, in one batch."""
         support = self._with_features(support)
         queries = self._with_features(queries)
 

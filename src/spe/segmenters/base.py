@@ -152,7 +152,8 @@ class InContextSegmenter(abc.ABC):
 
     Subclasses implement :meth:`segment_prepared`; they may extend
     :meth:`prepare` to compute per-image features once, and override
-    :meth:`segment_paired` with a faster batched version.
+    :meth:`_segment_pairs` (behind :meth:`segment_paired`) with a faster
+    batched version.
     """
 
     #: Short name used on the command line and in calibration files.
@@ -229,15 +230,29 @@ class InContextSegmenter(abc.ABC):
         """
         if len(support) != len(queries):
             raise ValueError("segment_paired needs as many supports as queries")
-        outputs = [
-            self.segment_prepared(
-                support.subset([i]), support_masks[i : i + 1], queries.subset([i])
-            )
-            for i in range(len(queries))
-        ]
-        if not outputs:
+        if len(queries) == 0:
             return torch.zeros((0, *self.image_size), dtype=torch.float32)
-        return torch.cat(outputs)
+        return self._segment_pairs(support, support_masks, queries)
+
+    def _segment_pairs(
+        self,
+        support: PreparedImages,
+        support_masks: torch.Tensor,
+        queries: PreparedImages,
+    ) -> torch.Tensor:
+        """:meth:`segment_paired` for N >= 1 checked pairs.
+
+        This default makes one :meth:`segment_prepared` call per pair;
+        segmenters override it with a batched version.
+        """
+        return torch.cat(
+            [
+                self.segment_prepared(
+                    support.subset([i]), support_masks[i : i + 1], queries.subset([i])
+                )
+                for i in range(len(queries))
+            ]
+        )
 
     def segment(
         self,

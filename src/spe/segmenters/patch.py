@@ -605,21 +605,13 @@ class PatchFusionSegmenter(InContextSegmenter):
         candidates = similarity.topk(n_candidates, dim=1).indices
         return self._fuse(support, support_masks, queries, candidates)
 
-    def segment_paired(
+    def _segment_pairs(
         self,
         support: PreparedImages,
         support_masks: torch.Tensor,
         queries: PreparedImages,
     ) -> torch.Tensor:
-        """Segment query i with support member i alone, for all N pairs at once.
-
-        Returns:
-            (N, H, W) float32 probabilities in [0, 1] at the working resolution.
-        """
-        if len(support) != len(queries):
-            raise ValueError("segment_paired needs as many supports as queries")
-        if len(queries) == 0:
-            return torch.zeros((0, *self.image_size), dtype=torch.float32)
+        """Segment query i with support member i alone, for all N pairs at once."""
         support = self._with_features(support)
         queries = self._with_features(queries)
         pairs = torch.arange(len(queries))[:, None]

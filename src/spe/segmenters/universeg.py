@@ -539,14 +539,13 @@ class UniverSegSegmenter(InContextSegmenter):
                 del encoding
         return total / len(subsets)
 
-    def segment_paired(
+    def _segment_pairs(
         self,
         support: PreparedImages,
         support_masks: torch.Tensor,
         queries: PreparedImages,
     ) -> torch.Tensor:
-        if len(support) != len(queries):
-            raise ValueError("segment_paired needs as many supports as queries")
+        """Each pair is one batch element with a support set of one."""
         self._check_prepared(support, support_masks, queries)
         labels = self._binarise(support_masks)
         per_pass = max(1, min(self.batch_size, self.pairs_per_pass))
