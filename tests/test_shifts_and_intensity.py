@@ -60,3 +60,34 @@ def test_equalisation_undoes_monotone_changes(chest):
     assert after < before / 10
     assert not equalize(np.full((4, 4), 7)).any()  # constant: zeros, no NaN
     assert standardize([chest], "minmax")[0] is chest
+
+
+def test_local_standardisation_removes_shading_and_gamma(chest):
+    from spe.intensity import local_standardize
+
+    reference = local_standardize(chest)
+    assert (
+        reference.dtype == np.float32 and 0 <= reference.min() <= reference.max() <= 1
+    )
+    for shift in (Shift("bias", 5), Shift("gamma", 4)):
+        shifted = apply_shift(chest, shift)
+        before = np.abs(chest / 255.0 - shifted / 255.0).mean()
+        after = np.abs(reference - local_standardize(shifted)).mean()
+        assert after < before / 2, shift
+    assert not local_standardize(np.full((8, 8), 3.0)).any()
+
+
+def test_interval_widened_by_disagreement():
+    from spe.calibration import widen_by_disagreement
+
+    primary = {"estimate": 0.8, "low": 0.77, "high": 0.83}
+    widened = widen_by_disagreement(primary, {"estimate": 0.76}, "dice")
+    half = (0.03**2 + 0.04**2) ** 0.5  # 0.05
+    assert widened["low"] == pytest.approx(0.8 - half)
+    assert widened["high"] == pytest.approx(0.8 + half)
+    assert widened["disagreement"] == pytest.approx(0.04)
+    # Clipped to the metric's range.
+    top = widen_by_disagreement(
+        {"estimate": 0.99, "low": 0.98, "high": 1.0}, {"estimate": 0.9}, "dice"
+    )
+    assert top["high"] == 1.0
