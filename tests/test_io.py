@@ -47,6 +47,24 @@ def test_spacing_is_in_array_order(tmp_path):
         assert loaded.spacing == pytest.approx((2.0, 0.7, 0.5))
 
 
+def test_saved_masks_read_back_unchanged(tmp_path):
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+    path = tmp_path / "v.nii.gz"
+    path.write_bytes(io.encode_mask(volume, (2.5, 0.7, 0.5), ".nii.gz"))
+    loaded = io.read_mask(path)
+    assert np.array_equal(loaded.array, volume)
+    assert loaded.spacing == pytest.approx((2.5, 0.7, 0.5))
+
+    # Labels above 255 need 16 bits; PNG keeps them.
+    labels = np.array([[0, 1], [300, 2]])
+    path = tmp_path / "m.png"
+    path.write_bytes(io.encode_mask(labels, (1.0, 1.0), ".png"))
+    assert np.array_equal(io.read_mask(path).array, labels)
+    with pytest.raises(SPEError, match=r"needs \.nii\.gz"):
+        io.encode_mask(volume, (1.0, 1.0, 1.0), ".png")
+
+
 def test_two_dimensional_medical_and_one_slice_volume(tmp_path):
     image = sitk.GetImageFromArray(np.arange(12, dtype=np.uint8).reshape(3, 4))
     image.SetSpacing((0.3, 0.6))

@@ -22,6 +22,8 @@ def two_runs(tmp_path_factory, datasets):
     outputs = []
     for run in range(2):
         out = tmp_path_factory.mktemp(f"reproduce{run}")
+        # The second run also saves its predictions; results stay the same.
+        save = ["--save-predictions"] if run == 1 else []
         assert (
             main(
                 [
@@ -31,6 +33,7 @@ def two_runs(tmp_path_factory, datasets):
                     "--out",
                     str(out),
                     *QUICK,
+                    *save,
                 ]
             )
             == 0
@@ -69,6 +72,59 @@ def test_same_seed_same_results(two_runs):
         for name in ("seconds", "timings", "peak_memory_mb", "per_image_settings"):
             results.pop(name)
     assert first == second
+
+
+def test_saved_predictions_feed_metrics_and_calibrate(two_runs, datasets, capsys):
+    out = two_runs[1]
+    results = json.loads((out / "results.json").read_text())
+    names = [row["name"] for row in results["checkpoints"]]
+    predictions = out / "predictions"
+    assert sorted(p.name for p in (predictions / "test").iterdir()) == sorted(names)
+    n_test = len(list((datasets / "jsrt/test/images").iterdir()))
+    assert len(list((predictions / "test" / names[0]).glob("*.png"))) == n_test
+
+    # The saved masks, scored from disk by `spe metrics`, give the real Dice
+    # the protocol measured in memory.
+    last = results["checkpoints"][-1]
+    capsys.readouterr()
+    code = main(
+        [
+            "metrics",
+            "--predictions",
+            str(predictions / "extra_test" / last["name"]),
+            "--labels",
+            str(datasets / "jsrt/extra_test/labels"),
+            "--json",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    real = last["classes"]["1"]["dice"]["extra_test_real"]
+    assert summary["mean"]["1"]["dice"] == pytest.approx(real, abs=1e-9)
+
+    # They are a --predictions folder of spe calibrate as they are.
+    code = main(
+        [
+            "calibrate",
+            "--reference",
+            str(datasets / "jsrt/train"),
+            "--calibration",
+            str(datasets / "jsrt/test"),
+            "--predictions",
+            str(predictions / "test"),
+            "--out",
+            str(out / "calibration.json"),
+            "--max-references",
+            "8",
+            "--no-per-image",
+            "--segmenter",
+            "patch",
+            "-q",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert len(calibration["points"]["1"]["dice"]) == len(names)
 
 
 def test_checkpoints_spread_over_validation_dice():

@@ -744,9 +744,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
         CSV_COLUMNS,
         ReproduceSettings,
         csv_rows,
+        evaluate_segmenter,
         per_image_step,
         plot_scatter,
-        reproduce,
+        save_predictions,
+        train_and_predict,
     )
     from spe.unet import TrainingSettings
 
@@ -773,12 +775,19 @@ def run_reproduce(args: argparse.Namespace) -> int:
                 flag_threshold=args.flag_threshold,
             )
         )
-    results = reproduce(
+    run = train_and_predict(
         args.dataset,
-        segmenter,
         settings=settings,
         training=training,
         protocol=protocol,
+        progress=progress_bar(args),
+    )
+    if args.save_predictions:
+        save_predictions(run, out / "predictions")
+    results = evaluate_segmenter(
+        run,
+        segmenter,
+        settings=settings,
         progress=progress_bar(args),
         extra_steps=steps,
     )
@@ -798,7 +807,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         )
         return 0
     print(results_table(results))
-    print(f"wrote results.json, results.csv and scatter plots to {out}")
+    saved = " and predictions/" if args.save_predictions else ""
+    print(f"wrote results.json, results.csv, scatter plots{saved} to {out}")
     return 0
 
 
@@ -882,6 +892,14 @@ def add_reproduce_options(
         help="prediction interval coverage (0.9)",
     )
     group.add_argument("--json", action="store_true", help="print JSON to stdout")
+    group.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help=(
+            "write each checkpoint's masks to OUT/predictions/{test,extra_test}/, "
+            "ready for spe calibrate and spe estimate"
+        ),
+    )
     group.add_argument(
         "--per-image-checkpoints",
         type=int,

@@ -13,8 +13,10 @@ write their predictions.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
+import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -534,3 +536,37 @@ def check_same_shape(
             f"{other.path} {other.spatial_shape}; resample it to the same grid"
         )
         raise SPEError(message)
+
+
+def encode_mask(mask: np.ndarray, spacing: Sequence[float], extension: str) -> bytes:
+    """A label map as the bytes of a PNG (2-D) or a NIfTI file (2-D or 3-D).
+
+    Args:
+        mask: (H, W) or (Z, Y, X) integer labels, 0 background, at most 65535.
+        spacing: size per axis in array order (mm); written into NIfTI headers,
+            and dropped by PNG, which has no spacing.
+        extension: ".png" or ".nii.gz".
+
+    Returns:
+        The file's bytes, which :func:`read_mask` reads back unchanged.
+    """
+    if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint16).max):
+        raise SPEError("a mask to save has labels outside 0..65535")
+    dtype = np.uint8 if mask.size == 0 or mask.max() <= 255 else np.uint16
+    labels = np.ascontiguousarray(mask, dtype=dtype)
+    if extension == ".png":
+        if labels.ndim != 2:
+            raise SPEError(f"PNG holds 2-D masks; a {labels.ndim}-D mask needs .nii.gz")
+        buffer = io.BytesIO()
+        Image.fromarray(labels).save(buffer, format="PNG")
+        return buffer.getvalue()
+    if extension != ".nii.gz":
+        raise SPEError(f"masks are saved as .png or .nii.gz, not {extension!r}")
+
+    # SimpleITK writes to a path only: a private temporary folder holds it.
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing([float(s) for s in reversed(tuple(spacing))])
+    with tempfile.TemporaryDirectory(prefix="spe-mask-") as folder:
+        path = Path(folder) / f"mask{extension}"
+        sitk.WriteImage(image, str(path), useCompression=True)
+        return path.read_bytes()

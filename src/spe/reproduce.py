@@ -32,6 +32,8 @@ from spe.calibration import (
 from spe.cases import CaseSet, load_labeled, resolve_task
 from spe.errors import SPEError
 from spe.evaluation import foreground_fraction, interval_coverage, score_estimator
+from spe.io import encode_mask
+from spe.outputs import write_bytes_atomic
 from spe.per_image import (
     PER_IMAGE_METRICS,
     PerImageSettings,
@@ -283,6 +285,32 @@ def predictions_of(record: CheckpointRecord, split: str, truth: CaseSet) -> Case
     return truth.with_masks({c.case_id: masks[c.case_id] for c in truth.cases}, split)
 
 
+def save_predictions(run: ProtocolRun, folder: Path | str) -> Path:
+    """Write every chosen checkpoint's masks, ready for ``spe calibrate``.
+
+    Layout: ``folder/<split>/<checkpoint>/<case id>.png`` (``.nii.gz`` with
+    the volume's spacing for 3-D cases), for splits test and extra_test, so
+    that ``folder/test`` is a ``--predictions`` folder of ``spe calibrate``
+    and each ``folder/extra_test/<checkpoint>`` one of ``spe estimate``.
+    Label values are the dataset's (1 for a binary task).
+
+    Returns:
+        ``folder``.
+    """
+    folder = Path(folder)
+    splits = {"test": run.data.test, "extra_test": run.data.extra_test}
+    for record in run.records:
+        for split, truth in splits.items():
+            target = folder / split / record.name
+            for case in truth.cases:
+                extension = ".nii.gz" if case.is_volume else ".png"
+                data = encode_mask(
+                    record.predictions[split][case.case_id], case.spacing, extension
+                )
+                write_bytes_atomic(target / f"{case.case_id}{extension}", data)
+    return folder
+
+
 def evaluate_segmenter(
     run: ProtocolRun,
     segmenter: InContextSegmenter,
@@ -532,8 +560,6 @@ def plot_scatter(results: dict[str, Any], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from spe.outputs import write_bytes_atomic
 
     paths = []
     keys = list(results["checkpoints"][0]["classes"])
