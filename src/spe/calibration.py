@@ -60,6 +60,13 @@ class LinearMap:
             pseudo values, for the prediction interval.
         pseudo_min, pseudo_max: the range of pseudo values seen.
         real_min, real_max: the range of real values seen.
+
+    Limitation: the in-context segmenter's ceiling bends the pseudo-to-real
+    relation near the best checkpoints, and a line fitted over the whole
+    range underestimates them (JSRT Dice by about 0.016, HD95 overestimated
+    by several mm; docs/benchmarks.md, "Calibration map"). A local-linear
+    map halves that error there but is not implemented; the line, as
+    published, is used instead.
     """
 
     slope: float
