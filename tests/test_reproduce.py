@@ -153,3 +153,23 @@ def test_missing_split_is_a_clear_error(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "missing test, extra_test" in err
+
+
+def test_predictions_of_an_earlier_run_are_not_mixed_in(tmp_path, capsys, datasets):
+    earlier = tmp_path / "out" / "predictions" / "test" / "step7"
+    earlier.mkdir(parents=True)
+    (earlier / "JPCLN001.png").write_bytes(b"")
+    code = main(
+        [
+            "reproduce",
+            "--dataset",
+            str(datasets / "jsrt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--save-predictions",
+            *QUICK,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "holds masks of an earlier run" in err
+    assert len(err.strip().splitlines()) == 1

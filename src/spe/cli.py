@@ -765,6 +765,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         coverage=args.coverage,
     )
     out = ensure_folder(args.out)
+    # Masks of an earlier run would mix with this run's checkpoints in a
+    # --predictions folder, so they are never written over.
+    saved = out / "predictions"
+    if args.save_predictions and saved.exists() and any(saved.iterdir()):
+        message = (
+            f"{saved}: holds masks of an earlier run; remove it or choose another --out"
+        )
+        raise SPEError(message)
     steps = []
     if args.per_image:
         steps.append(
