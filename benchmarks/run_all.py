@@ -140,13 +140,15 @@ def dataset_markdown(name: str, child: dict) -> str:
         f"peak memory {child['peak_memory_mb']:.0f} MB.",
         "",
         "Dataset level, r / MAE over the checkpoints on extra_test. *image*: the "
-        "default estimate (mean of per-image estimates, calibrated); *pseudo*: the "
-        "published one (pseudo metrics of the support set).",
+        "default estimate for 2-D images (mean of per-image estimates, "
+        "calibrated); *pseudo*: the published one (pseudo metrics of the support "
+        "set), the default for volumes.",
         "",
     ]
     header = ["metric"]
     for segmenter, result in results.items():
-        header.append(f"{segmenter} image")
+        statistic = "image" if result["method"] == "per-image mean" else "pseudo"
+        header.append(f"{segmenter} {statistic}")
         if "dataset_level_published" in result:
             header.append(f"{segmenter} pseudo")
     header += ["train-score", "area", "real range"]
@@ -197,6 +199,11 @@ def main() -> None:
     parser.add_argument("--datasets", help="comma-separated, default all")
     parser.add_argument("--segmenters", help="comma-separated, default all available")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="rewrite the section from benchmarks/results/ without running",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     segmenters = available_segmenters(
@@ -215,38 +222,50 @@ def main() -> None:
         return
 
     names = args.datasets.split(",") if args.datasets else list(SPECS)
-    total = time.perf_counter()
-    for name in names:
-        clock = time.perf_counter()
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            name,
-            "--seed",
-            str(args.seed),
-            "--segmenters",
-            ",".join(segmenters),
-        ]
-        subprocess.run(command, check=True)
-        path = RESULTS / f"{name}.json"
-        child = json.loads(path.read_text())
-        child["wall_seconds"] = time.perf_counter() - clock
-        path.write_text(json.dumps(child, indent=1))
-        print(f"{name}: {child['wall_seconds']:.0f} s", file=sys.stderr)
-    total = time.perf_counter() - total
+    if not args.report:
+        for name in names:
+            run_child(name, segmenters, args.seed)
+    markdown = report()
+    write_section("protocol", markdown)
+    print(markdown)
 
-    sections = []
-    for name in SPECS:
-        path = RESULTS / f"{name}.json"
-        if path.exists():
-            sections.append(dataset_markdown(name, json.loads(path.read_text())))
-    markdown = "\n".join(
+
+def run_child(name: str, segmenters: list[str], seed: int) -> None:
+    """One dataset in a child process, its wall time added to its JSON."""
+    clock = time.perf_counter()
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        name,
+        "--seed",
+        str(seed),
+        "--segmenters",
+        ",".join(segmenters),
+    ]
+    subprocess.run(command, check=True)
+    path = RESULTS / f"{name}.json"
+    child = json.loads(path.read_text())
+    child["wall_seconds"] = time.perf_counter() - clock
+    path.write_text(json.dumps(child, indent=1))
+    print(f"{name}: {child['wall_seconds']:.0f} s", file=sys.stderr)
+
+
+def report() -> str:
+    """The protocol section from every dataset's stored results."""
+    children = {
+        name: json.loads((RESULTS / f"{name}.json").read_text())
+        for name in SPECS
+        if (RESULTS / f"{name}.json").exists()
+    }
+    minutes = sum(child["wall_seconds"] for child in children.values()) / 60
+    return "\n".join(
         [
             "## The published protocol on every dataset",
             "",
             "`python benchmarks/run_all.py` (all datasets and available segmenters; "
-            f"this run: {total / 60:.1f} min for {', '.join(names)}).",
+            f"{minutes:.1f} min in all for {', '.join(children)}; "
+            "`--report` rewrites this section from `benchmarks/results/`).",
             "",
             "Method: reverse in-context segmentation with G fitted on test over the",
             "checkpoints, scored on extra_test (Pearson r and MAE over checkpoints).",
@@ -256,13 +275,52 @@ def main() -> None:
             f"{PUBLISHED['pearson_r']}, MAE {PUBLISHED['mae']}. HD95 in mm (pixels",
             "where a dataset has no spacing).",
             "",
+            summary_markdown(children),
+            "",
             machine_line(),
             "",
-            *sections,
+            "\n\n".join(
+                dataset_markdown(name, child) for name, child in children.items()
+            ),
         ]
     )
-    write_section("protocol", markdown)
-    print(markdown)
+
+
+def summary_markdown(children: dict[str, dict]) -> str:
+    """Dice and HD95 of the default estimate per dataset, against the targets."""
+    lines = [
+        "Summary of the default estimate (targets: Dice r >= 0.97 and MAE <= 0.02; "
+        "HD95 MAE within 10% of the real HD95 range over the checkpoints):",
+        "",
+        "| dataset | segmenter | Dice r / MAE | Dice target | HD95 MAE / 10% of "
+        "range | HD95 target | train-score Dice MAE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, child in children.items():
+        for segmenter, result in child["results"].items():
+            classes = result["classes"]
+            key = classes[-1] if len(classes) == 1 else "mean"
+            dice = result["dataset_level"]["dice"]
+            hd95 = result["dataset_level"]["hd95"]
+            real = [
+                c["classes"][key]["hd95"]["extra_test_real"]
+                for c in result["checkpoints"]
+            ]
+            dice_met = (dice["pearson_r"] or 0) >= 0.97 and dice["mae"] <= 0.02
+            tenth = 0.1 * (max(real) - min(real))
+            hd95_met = hd95["mae"] <= tenth
+            training = result["baselines"]["training_score"]["dice"]["mae"]
+            cells = [
+                name,
+                segmenter,
+                f"{fmt(dice['pearson_r'])} / {fmt(dice['mae'], 4)}",
+                "met" if dice_met else "missed",
+                f"{hd95['mae']:.2f} / {tenth:.2f}",
+                "met" if hd95_met else "missed",
+                fmt(training, 4),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

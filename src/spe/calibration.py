@@ -65,8 +65,9 @@ class LinearMap:
     relation near the best checkpoints, and a line fitted over the whole
     range underestimates them (JSRT Dice by about 0.016, HD95 overestimated
     by several mm; docs/benchmarks.md, "Calibration map"). A local-linear
-    map halves that error there but is not implemented; the line, as
-    published, is used instead.
+    map halves that error on most 2-D datasets but breaks down where the
+    pseudo values are degenerate (la3d with one atlas reference), so it is
+    not implemented; the line, as published, is used instead.
     """
 
     slope: float
