@@ -233,3 +233,15 @@ def test_intensity_images_as_labels_are_refused(tmp_path, capsys, datasets):
         capsys, "--predictions", str(images), "--labels", str(images)
     )
     assert code == 2 and "looks like intensity images" in message
+
+
+def test_monai_seg_suffix_on_predictions(tmp_path, capsys):
+    predictions, labels = tmp_path / "pred", tmp_path / "gt"
+    # T1 again, with the prediction named as MONAI's SaveImage names it.
+    save(labels, "t1", square((32, 32), np.s_[8:16, 8:16]))
+    save(predictions, "t1_seg", square((32, 32), np.s_[10:18, 8:16]))
+    summary = run_json(
+        capsys, "--predictions", str(predictions), "--labels", str(labels)
+    )
+    assert summary["n_cases"] == 1
+    assert summary["mean"]["1"]["dice"] == pytest.approx(0.75)

@@ -185,6 +185,25 @@ def test_case_ids_and_nnunet_channel_suffix(tmp_path):
     assert io.split_extension("x.y.nii.gz") == ("x.y", ".nii.gz")
 
 
+def test_mask_suffix_is_read_only_when_it_makes_cases_match(tmp_path):
+    for name in ("a_seg", "b_seg"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / f"{name}.png")
+    assert set(io.list_mask_cases(tmp_path, matching=["a", "b"])) == {"a", "b"}
+    # Cases genuinely named *_seg keep their names.
+    kept = io.list_mask_cases(tmp_path, matching=["a_seg", "b_seg"])
+    assert set(kept) == {"a_seg", "b_seg"}
+    assert set(io.list_mask_cases(tmp_path)) == {"a_seg", "b_seg"}
+
+    # A labeled folder whose labels carry the suffix and images nnU-Net's.
+    root = tmp_path / "labeled"
+    for folder, suffix in (("images", "_0000"), ("labels", "_seg")):
+        (root / folder).mkdir(parents=True)
+        for case in ("a", "b"):
+            path = root / folder / f"{case}{suffix}.png"
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    assert io.open_labeled_folder(root).case_ids == ["a", "b"]
+
+
 def test_unmatched_cases_are_named(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "g").mkdir()

@@ -150,6 +150,37 @@ def test_estimates_follow_the_real_quality(workspace, calibration_file, capsys):
     assert per_case["n_flagged"] == len(per_case["flagged"])
 
 
+def test_monai_named_predictions_give_the_same_estimate(
+    workspace, calibration_file, capsys
+):
+    # MONAI's SaveImage writes case_seg.png: the same masks under those names.
+    renamed = workspace / "target_shift10_monai"
+    renamed.mkdir(exist_ok=True)
+    for path in (workspace / "target_shift10").iterdir():
+        (renamed / f"{path.stem}_seg{path.suffix}").write_bytes(path.read_bytes())
+    estimates = []
+    for folder in (workspace / "target_shift10", renamed):
+        code, out, err = run(
+            capsys,
+            "estimate",
+            "--calibration",
+            str(calibration_file),
+            "--reference",
+            str(workspace / "reference"),
+            "--images",
+            str(workspace / "target" / "images"),
+            "--predictions",
+            str(folder),
+            "--out",
+            str(workspace / f"estimate_{folder.name}"),
+            "--json",
+            "-q",
+        )
+        assert code == 0, err
+        estimates.append(json.loads(out)["estimates"])
+    assert estimates[0] == estimates[1]
+
+
 def test_evaluate_scores_the_estimates(workspace, calibration_file, capsys):
     code, out, err = run(
         capsys,

@@ -233,8 +233,12 @@ def load_images(
         matching: the folder of masks these images go with (the model's
             predictions), which settles how nnU-Net channel suffixes are read.
     """
-    others = io.list_cases(matching) if matching is not None else None
-    files = io.list_image_cases(folder, matching=others)
+    files = io.list_image_cases(folder)
+    if matching is not None:
+        # Settle the mask suffix against the plain image names, then the
+        # channel suffix against the masks' case ids.
+        others = io.list_mask_cases(matching, matching=files)
+        files = io.list_image_cases(folder, matching=others)
     cases = []
     for case_id, path in tqdm(
         files.items(),
@@ -255,7 +259,7 @@ def read_predictions(folder: Path | str, images: CaseSet) -> dict[str, np.ndarra
         SPEError: a case without a prediction (or a prediction without an
             image), or a prediction whose shape differs from its image.
     """
-    files = io.list_cases(folder)
+    files = io.list_mask_cases(folder, matching=images.case_ids)
     io.match_cases(
         {case.case_id: Path(case.case_id) for case in images.cases},
         files,

@@ -458,6 +458,37 @@ def list_image_cases(
     return plain
 
 
+# Suffixes that tools add to mask file names: MONAI's SaveImage appends its
+# output_postfix (case_seg.nii.gz with the "seg" of its tutorials); other
+# pipelines write case_label, case_mask or case_pred.
+MASK_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_pred")
+
+
+def list_mask_cases(
+    folder: Path | str, matching: Iterable[str] | None = None
+) -> dict[str, Path]:
+    """Mask files by case id, reading a tool's suffix (``case_seg``) when it applies.
+
+    A suffix from :data:`MASK_SUFFIXES` that every mask name ends with is
+    dropped only when that makes the masks match ``matching`` (the case ids
+    of the images or of the other masks) better than the plain names do, so
+    a case genuinely named ``liver_seg`` keeps its name.
+    """
+    plain = list_cases(folder)
+    if matching is None:
+        return plain
+    wanted = set(matching)
+    best, best_overlap = plain, len(wanted & set(plain))
+    for suffix in MASK_SUFFIXES:
+        if not all(case_id.endswith(suffix) for case_id in plain):
+            continue
+        stripped = {case_id[: -len(suffix)]: path for case_id, path in plain.items()}
+        overlap = len(wanted & set(stripped))
+        if overlap > best_overlap and len(stripped) == len(plain):
+            best, best_overlap = stripped, overlap
+    return best
+
+
 def describe_names(names: Iterable[str], *, limit: int = 5) -> str:
     """'a, b, c and 7 more': a short list of names for a one-line message."""
     names = sorted(names)
@@ -515,7 +546,10 @@ def open_labeled_folder(
     root = Path(root)
     if not root.is_dir():
         raise SPEError(f"{root}: no such folder; check the path")
-    labels = list_cases(root / labels_name)
+    # Settle the mask suffix against the plain image names, then the channel
+    # suffix against the labels' case ids.
+    images = list_image_cases(root / "images")
+    labels = list_mask_cases(root / labels_name, matching=images)
     images = list_image_cases(root / "images", matching=labels)
     case_ids = match_cases(
         images,

@@ -174,8 +174,9 @@ def score_folders(
     Returns:
         (scored cases, the classes scored).
     """
-    prediction_files = io.list_cases(predictions)
     label_files = io.list_cases(labels)
+    prediction_files = io.list_mask_cases(predictions, matching=label_files)
+    label_files = io.list_mask_cases(labels, matching=prediction_files)
     case_ids = io.match_cases(
         prediction_files,
         label_files,
