@@ -115,27 +115,46 @@ def test_calibration_file_records_everything(calibration_file):
     assert data["per_image"]["settings"]["k"] == 3
 
 
+def estimate_arguments(workspace, calibration_file):
+    """`spe estimate` on the workspace's target images, before --predictions."""
+    return [
+        "estimate",
+        "--calibration",
+        str(calibration_file),
+        "--reference",
+        str(workspace / "reference"),
+        "--images",
+        str(workspace / "target" / "images"),
+        "-q",
+    ]
+
+
+def estimate_json(capsys, workspace, calibration_file, predictions, out):
+    """`spe estimate --json` with these predictions, its JSON output."""
+    code, stdout, err = run(
+        capsys,
+        *estimate_arguments(workspace, calibration_file),
+        "--predictions",
+        str(predictions),
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert code == 0, err
+    return json.loads(stdout)
+
+
 def test_estimates_follow_the_real_quality(workspace, calibration_file, capsys):
-    estimates = {}
-    for shift in (0, 10):
-        code, out, err = run(
+    estimates = {
+        shift: estimate_json(
             capsys,
-            "estimate",
-            "--calibration",
-            str(calibration_file),
-            "--reference",
-            str(workspace / "reference"),
-            "--images",
-            str(workspace / "target" / "images"),
-            "--predictions",
-            str(workspace / f"target_shift{shift:02d}"),
-            "--out",
-            str(workspace / f"estimate{shift}"),
-            "--json",
-            "-q",
+            workspace,
+            calibration_file,
+            workspace / f"target_shift{shift:02d}",
+            workspace / f"estimate{shift}",
         )
-        assert code == 0, err
-        estimates[shift] = json.loads(out)
+        for shift in (0, 10)
+    }
     good = estimates[0]["estimates"]["1"]["dice"]
     bad = estimates[10]["estimates"]["1"]["dice"]
     assert good["estimate"] > bad["estimate"] + 0.1
@@ -158,26 +177,16 @@ def test_monai_named_predictions_give_the_same_estimate(
     renamed.mkdir(exist_ok=True)
     for path in (workspace / "target_shift10").iterdir():
         (renamed / f"{path.stem}_seg{path.suffix}").write_bytes(path.read_bytes())
-    estimates = []
-    for folder in (workspace / "target_shift10", renamed):
-        code, out, err = run(
+    estimates = [
+        estimate_json(
             capsys,
-            "estimate",
-            "--calibration",
-            str(calibration_file),
-            "--reference",
-            str(workspace / "reference"),
-            "--images",
-            str(workspace / "target" / "images"),
-            "--predictions",
-            str(folder),
-            "--out",
-            str(workspace / f"estimate_{folder.name}"),
-            "--json",
-            "-q",
-        )
-        assert code == 0, err
-        estimates.append(json.loads(out)["estimates"])
+            workspace,
+            calibration_file,
+            folder,
+            workspace / f"estimate_{folder.name}",
+        )["estimates"]
+        for folder in (workspace / "target_shift10", renamed)
+    ]
     assert estimates[0] == estimates[1]
 
 
@@ -215,24 +224,9 @@ def test_no_support_is_an_empty_segmentation(workspace, calibration_file, capsys
     empty.mkdir(exist_ok=True)
     for path in (workspace / "target" / "labels").iterdir():
         Image.fromarray(np.zeros((128, 128), np.uint8)).save(empty / path.name)
-    code, out, err = run(
-        capsys,
-        "estimate",
-        "--calibration",
-        str(calibration_file),
-        "--reference",
-        str(workspace / "reference"),
-        "--images",
-        str(workspace / "target" / "images"),
-        "--predictions",
-        str(empty),
-        "--out",
-        str(workspace / "estimate_empty"),
-        "--json",
-        "-q",
+    result = estimate_json(
+        capsys, workspace, calibration_file, empty, workspace / "estimate_empty"
     )
-    assert code == 0, err
-    result = json.loads(out)
     assert result["support"]["1"]["n_support"] == 0
     assert result["estimates_from_pseudo"]["1"]["dice"]["pseudo"] == 0.0
     assert any("empty segmentation" in w for w in result["warnings"])
@@ -245,16 +239,9 @@ def test_no_support_is_an_empty_segmentation(workspace, calibration_file, capsys
 
 def test_mismatched_inputs_are_one_line_errors(workspace, calibration_file, capsys):
     base = [
-        "estimate",
-        "--calibration",
-        str(calibration_file),
-        "--reference",
-        str(workspace / "reference"),
-        "--images",
-        str(workspace / "target" / "images"),
+        *estimate_arguments(workspace, calibration_file),
         "--out",
         str(workspace / "estimate_error"),
-        "-q",
     ]
 
     # Missing predictions for some cases.
