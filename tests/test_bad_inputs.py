@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from spe import io
-from spe.calibration import Calibration
+from spe.calibration import Calibration, check_spread
 from spe.cli import main
 from spe.errors import SPEError
 
@@ -247,3 +247,8 @@ def test_predictions_of_another_task_are_refused(calibration_file, datasets, cap
         "-q",
     )
     assert "holds labels [1, 2] but the task is binary" in message
+
+
+def test_a_class_no_model_predicts_points_at_label_values():
+    with pytest.raises(SPEError, match="label values of the labels folder"):
+        check_spread([0.0, 0.0, 0.0], [0.1, 0.5, 0.9], "2", "dice")

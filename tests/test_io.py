@@ -226,6 +226,10 @@ def test_unmatched_cases_are_named(tmp_path):
 def test_duplicate_case_ids_and_empty_folder(tmp_path):
     with pytest.raises(SPEError, match="holds no image files"):
         io.list_cases(tmp_path)
+    # A labeled folder given where its labels/ was meant: the error says so.
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(SPEError, match=r"did you mean .*labels\?"):
+        io.list_cases(tmp_path)
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.bmp")
     with pytest.raises(SPEError, match="are both case 'a'"):

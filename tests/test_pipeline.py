@@ -282,7 +282,18 @@ def test_mismatched_inputs_are_one_line_errors(workspace, calibration_file, caps
     code, _, err = run(
         capsys, *arguments, "--predictions", str(workspace / "target_shift00")
     )
-    assert code == 2 and "other_reference differs from the one calibrated" in err
+    assert code == 2 and "differ from those calibrated with" in err
+
+    # Another labels folder than the calibration's.
+    code, _, err = run(
+        capsys,
+        *base,
+        "--predictions",
+        str(workspace / "target_shift00"),
+        "--labels-name",
+        "labels_multiclass",
+    )
+    assert code == 2 and "calibrated with the labels folder 'labels'" in err
 
 
 def test_calibration_json_round_trip_and_validation(calibration_file, tmp_path):

@@ -192,6 +192,12 @@ def check_spread(
             f"every model; calibrate with checkpoints or models of clearly "
             f"different quality"
         )
+        if name == "pseudo" and values[0] == 0:
+            # Usually not a flat model family but a label mismatch.
+            message += (
+                f", and if no model predicts class {key} at all, check that the "
+                f"predictions use the label values of the labels folder"
+            )
         if metric == "dice":
             raise SPEError(message)
         logger.warning(message)
@@ -462,10 +468,10 @@ class Calibration:
         if reference_fingerprint != self.reference["fingerprint"]:
             given = f" {reference_source}" if reference_source else ""
             message = (
-                f"the reference set{given} differs from the one calibrated with "
-                f"({self.reference.get('source')}; fingerprint {reference_fingerprint} "
-                f"vs {self.reference['fingerprint']}); use the same reference images "
-                f"and labels"
+                f"the images or labels of the reference set{given} differ from those "
+                f"calibrated with ({self.reference.get('source')}; fingerprint "
+                f"{reference_fingerprint} vs {self.reference['fingerprint']}); use "
+                f"the same reference images and labels, or recalibrate"
             )
             raise SPEError(message)
 

@@ -112,7 +112,10 @@ def run_metrics(args: argparse.Namespace) -> int:
         [label, *(summary["mean"][label][name] for name in METRIC_NAMES)]
         for label in summary["classes"]
     ]
-    print(f"{summary['n_cases']} cases; HD95 and ASSD in mm ({args.hd95} variant)")
+    print(
+        f"{summary['n_cases']} cases; HD95 and ASSD in mm, or pixels where files "
+        f"have no spacing ({args.hd95} variant)"
+    )
     print(format_table(["class", *METRIC_NAMES], rows))
     for label, count in summary["n_infinite_distance"].items():
         if count:
@@ -167,17 +170,20 @@ def add_metrics_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def add_segmenter_options(
-    parser: argparse.ArgumentParser, *, default: str = "auto"
+    parser: argparse.ArgumentParser, *, default: str = "auto", calibrated: bool = False
 ) -> None:
+    """Segmenter options; ``calibrated``: auto means the calibration's segmenter."""
     from spe.segmenters import SEGMENTER_NAMES
 
     group = parser.add_argument_group("in-context segmenter")
+    auto = (
+        "auto: the one the calibration was made with"
+        if calibrated
+        else "auto: universeg when its weights are found, else the weight-free "
+        f"{DEFAULT_WEIGHT_FREE!r}"
+    )
     group.add_argument(
-        "--segmenter",
-        choices=("auto", *SEGMENTER_NAMES),
-        default=default,
-        help="auto: universeg when its weights are found, else the weight-free "
-        f"{DEFAULT_WEIGHT_FREE!r}",
+        "--segmenter", choices=("auto", *SEGMENTER_NAMES), default=default, help=auto
     )
     group.add_argument(
         "--universeg-weights", type=Path, help="the official UniverSeg weights file"
@@ -347,6 +353,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         per_image=per_image_settings(args) if args.per_image else None,
         progress=lambda items: progress_bar(args)(items, desc="models"),
     )
+    # Recorded so that estimating with another labels folder is named as such.
+    calibration.reference["labels_name"] = args.labels_name
     calibration.save(args.out)
 
     # Show the map the estimates will use: from the mean per-image estimate
@@ -441,6 +449,14 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
 
     calibration = Calibration.load(args.calibration)
     settings_from_calibration(calibration)  # a damaged file fails here, early
+    calibrated_labels = calibration.reference.get("labels_name")
+    if calibrated_labels is not None and calibrated_labels != args.labels_name:
+        message = (
+            f"{args.calibration}: calibrated with the labels folder "
+            f"{calibrated_labels!r}, given --labels-name {args.labels_name!r}; use "
+            f"the same labels folder, or calibrate with this one"
+        )
+        raise SPEError(message)
     segmenter = make_segmenter(args, record=calibration.segmenter)
     print(f"segmenter: {segmenter.name}", file=sys.stderr)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
@@ -684,7 +700,7 @@ def add_estimate_options(parser: argparse.ArgumentParser) -> None:
         help="flag cases estimated worse than this (0.7; for a distance, above)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON to stdout")
-    add_segmenter_options(parser)
+    add_segmenter_options(parser, calibrated=True)
 
 
 def add_evaluate_parser(commands) -> None:

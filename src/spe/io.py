@@ -392,6 +392,9 @@ def list_cases(folder: Path | str) -> dict[str, Path]:
             f"{folder}: holds no image files; expected one of "
             f"{', '.join(IMAGE_EXTENSIONS)}"
         )
+        inner = [name for name in ("images", "labels") if (folder / name).is_dir()]
+        if inner:
+            message += f" (did you mean {folder / inner[-1]}?)"
         raise SPEError(message)
 
     cases: dict[str, Path] = {}

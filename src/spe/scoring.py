@@ -134,7 +134,8 @@ def summarize(
             for label, summary in per_class.items()
         },
         "infinite_distance_convention": (
-            "an infinite HD95 or ASSD counts as the image diagonal in mm in means"
+            "an infinite HD95 or ASSD counts as the image diagonal (mm, or pixels "
+            "without spacing) in means"
         ),
     }
 
