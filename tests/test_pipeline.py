@@ -260,16 +260,14 @@ def test_mismatched_inputs_are_one_line_errors(workspace, calibration_file, caps
     code, _, err = run(capsys, *base, "--predictions", str(small))
     assert code == 2 and "differs from its image's (128, 128)" in err
 
-    # A calibration made with another segmenter.
-    code, _, err = run(
-        capsys,
-        *base,
-        "--predictions",
-        str(workspace / "target_shift00"),
-        "--segmenter",
-        "atlas",
-    )
-    assert code == 2 and "made with the 'patch'" in err
+    # A calibration made with another segmenter, or another labels folder.
+    good = ["--predictions", str(workspace / "target_shift00")]
+    for option, expected in (
+        (["--segmenter", "atlas"], "made with the 'patch'"),
+        (["--labels-name", "labels_multiclass"], "with the labels folder 'labels'"),
+    ):
+        code, _, err = run(capsys, *base, *good, *option)
+        assert code == 2 and expected in err
 
     # Another reference set.
     other = workspace / "other_reference"
@@ -279,21 +277,8 @@ def test_mismatched_inputs_are_one_line_errors(workspace, calibration_file, caps
         sorted(p.stem for p in (workspace / "reference" / "images").iterdir())[:8],
     )
     arguments = [str(other) if a == str(workspace / "reference") else a for a in base]
-    code, _, err = run(
-        capsys, *arguments, "--predictions", str(workspace / "target_shift00")
-    )
+    code, _, err = run(capsys, *arguments, *good)
     assert code == 2 and "differ from those calibrated with" in err
-
-    # Another labels folder than the calibration's.
-    code, _, err = run(
-        capsys,
-        *base,
-        "--predictions",
-        str(workspace / "target_shift00"),
-        "--labels-name",
-        "labels_multiclass",
-    )
-    assert code == 2 and "calibrated with the labels folder 'labels'" in err
 
 
 def test_calibration_json_round_trip_and_validation(calibration_file, tmp_path):
