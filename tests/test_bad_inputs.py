@@ -252,3 +252,18 @@ def test_predictions_of_another_task_are_refused(calibration_file, datasets, cap
 def test_a_class_no_model_predicts_points_at_label_values():
     with pytest.raises(SPEError, match="label values of the labels folder"):
         check_spread([0.0, 0.0, 0.0], [0.1, 0.5, 0.9], "2", "dice")
+
+
+def test_a_failed_command_leaves_no_output_folder_it_made(tmp_path, capsys):
+    (tmp_path / "labels").mkdir()
+    made = tmp_path / "new" / "results"
+    arguments = ["metrics", "--labels", str(tmp_path / "labels")]
+    arguments += ["--predictions", str(tmp_path / "missing")]
+    one_line_error(capsys, *arguments, "--out", str(made))
+    assert not (tmp_path / "new").exists()
+
+    # A folder that was there before is the user's: it stays.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    one_line_error(capsys, *arguments, "--out", str(kept))
+    assert kept.is_dir()

@@ -1145,6 +1145,30 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable(out, args.output_names)
 
 
+def missing_output_folder(args: argparse.Namespace) -> Path | None:
+    """The topmost folder of the output path that does not exist yet, if any."""
+    out = getattr(args, "out", None)
+    kind = getattr(args, "output_kind", None)
+    if out is None or kind is None:
+        return None
+    folder = Path(out) if kind == "folder" else Path(out).parent
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def remove_if_empty(folder: Path | None) -> None:
+    """Remove a folder this run created, when a failure left no file in it."""
+    if folder is None or not folder.is_dir():
+        return
+    if any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir()
+    folder.rmdir()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="spe",
@@ -1208,13 +1232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the package's own logger gets more verbose; libraries stay quiet.
     if args.debug or args.verbose:
         logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    created = missing_output_folder(args)
     try:
         check_outputs(args)
         return int(args.handler(args) or 0)
     except SPEError as error:
+        remove_if_empty(created)
         print(f"spe: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        remove_if_empty(created)
         print("spe: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -1223,6 +1250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as error:
+        remove_if_empty(created)
         if args.debug:
             traceback.print_exc()
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
