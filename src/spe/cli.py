@@ -304,6 +304,15 @@ def make_segmenter(args: argparse.Namespace, *, record: dict | None = None):
     return create_from_record(name, settings, **runtime)
 
 
+def announce_segmenter(segmenter, args: argparse.Namespace) -> None:
+    """The first line of every command that segments: which segmenter runs.
+
+    On stdout with the results, or on stderr when stdout carries JSON.
+    """
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    print(f"segmenter: {segmenter.name}", file=stream, flush=True)
+
+
 def progress_bar(args: argparse.Namespace):
     """A function wrapping an iterable in a progress bar on stderr."""
     from tqdm.auto import tqdm
@@ -325,7 +334,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     segmenter = make_segmenter(args)
     settings = pipeline_settings(args, segmenter)
-    print(f"segmenter: {segmenter.name}", file=sys.stderr)
+    announce_segmenter(segmenter, args)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
     calibration_set = load_labeled(args.calibration, labels_name=args.labels_name)
 
@@ -458,7 +467,7 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
         )
         raise SPEError(message)
     segmenter = make_segmenter(args, record=calibration.segmenter)
-    print(f"segmenter: {segmenter.name}", file=sys.stderr)
+    announce_segmenter(segmenter, args)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
     truth = None
     if labeled:
@@ -770,8 +779,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
     segmenter = make_segmenter(args)
     settings = pipeline_settings(args, segmenter)
-    print(f"segmenter: {segmenter.name}", file=sys.stderr if args.json else sys.stdout)
-    sys.stdout.flush()
+    announce_segmenter(segmenter, args)
     training = TrainingSettings(
         epochs=args.epochs, width=args.width, image_size=args.image_size, seed=args.seed
     )
