@@ -36,14 +36,19 @@ def masks(tmp_path):
     return tmp_path
 
 
-def test_outputs_that_cannot_be_written(masks, capsys):
-    args = [
+def metrics_arguments(masks):
+    """`spe metrics` on the fixture's one prediction and label."""
+    return [
         "metrics",
         "--predictions",
         str(masks / "pred"),
         "--labels",
         str(masks / "gt"),
     ]
+
+
+def test_outputs_that_cannot_be_written(masks, capsys):
+    args = metrics_arguments(masks)
     (masks / "file").write_text("x")
     message = one_line_error(capsys, *args, "--out", str(masks / "file" / "out"))
     assert "file" in message
@@ -61,13 +66,7 @@ def test_usage_mistakes_are_one_line(masks, capsys):
 
 
 def test_spacing_mistakes(masks, capsys):
-    args = [
-        "metrics",
-        "--predictions",
-        str(masks / "pred"),
-        "--labels",
-        str(masks / "gt"),
-    ]
+    args = metrics_arguments(masks)
     assert "--spacing" in one_line_error(capsys, *args, "--spacing", "1e200,1")
     assert "--spacing" in one_line_error(capsys, *args, "--spacing", "nan,1")
     table = masks / "spacing.csv"

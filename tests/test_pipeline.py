@@ -21,8 +21,8 @@ from spe.errors import SPEError
 SHIFTS = (0, 3, 6, 10, 15)  # pixels: the five "models", best to worst
 
 
-def copy_cases(source, destination, case_ids, *, labels=True):
-    for folder in ("images", "labels") if labels else ("images",):
+def copy_cases(source, destination, case_ids, *, folders=("images", "labels")):
+    for folder in folders:
         (destination / folder).mkdir(parents=True, exist_ok=True)
         for case_id in case_ids:
             data = (source / folder / f"{case_id}.png").read_bytes()
@@ -47,7 +47,14 @@ def workspace(tmp_path_factory, datasets):
         split: sorted(p.stem for p in (jsrt / split / "images").iterdir())
         for split in ("train", "test", "extra_test")
     }
-    copy_cases(jsrt / "train", root / "reference", ids["train"][:16])
+    # The reference also has JSRT's lungs-and-heart label maps, to be given
+    # by mistake as --labels-name.
+    copy_cases(
+        jsrt / "train",
+        root / "reference",
+        ids["train"][:16],
+        folders=("images", "labels", "labels_multiclass"),
+    )
     copy_cases(jsrt / "test", root / "calibration", ids["test"][:10])
     copy_cases(jsrt / "extra_test", root / "target", ids["extra_test"][:8])
     for shift in SHIFTS:

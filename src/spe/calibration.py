@@ -447,6 +447,7 @@ class Calibration:
         segmenter: dict[str, Any],
         reference_fingerprint: str,
         reference_source: str = "",
+        reference_labels_name: str = "",
     ) -> None:
         """Raise SPEError naming what differs from the calibration's set-up."""
         if segmenter["name"] != self.segmenter["name"]:
@@ -463,6 +464,21 @@ class Calibration:
             message = (
                 f"segmenter settings differ from the calibration's ({differences}); "
                 f"use the same settings or recalibrate"
+            )
+            raise SPEError(message)
+        # Files older than this record have no labels_name: the fingerprint
+        # below still tells the sets apart.
+        calibrated_labels = self.reference.get("labels_name")
+        if (
+            calibrated_labels
+            and reference_labels_name
+            and reference_labels_name != calibrated_labels
+        ):
+            message = (
+                f"the calibration was made with the labels folder "
+                f"{calibrated_labels!r} of the reference set, this run uses "
+                f"{reference_labels_name!r}; pass --labels-name {calibrated_labels} "
+                f"or recalibrate"
             )
             raise SPEError(message)
         if reference_fingerprint != self.reference["fingerprint"]:

@@ -57,6 +57,7 @@ class CaseSet:
     source: str
     fingerprint: str = ""
     files: dict[str, Path] = field(default_factory=dict)
+    labels_name: str = ""
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -217,6 +218,7 @@ def load_labeled(
         source=str(root),
         fingerprint=fingerprint_files(files),
         files=dict(folder.images),
+        labels_name=labels_name,
     )
 
 
@@ -233,12 +235,13 @@ def load_images(
         matching: the folder of masks these images go with (the model's
             predictions), which settles how nnU-Net channel suffixes are read.
     """
-    files = io.list_image_cases(folder)
+    listed = io.list_cases(folder)
+    files = io.read_channel_suffix(listed, folder, None)
     if matching is not None:
         # Settle the mask suffix against the plain image names, then the
         # channel suffix against the masks' case ids.
         others = io.list_mask_cases(matching, matching=files)
-        files = io.list_image_cases(folder, matching=others)
+        files = io.read_channel_suffix(listed, folder, others)
     cases = []
     for case_id, path in tqdm(
         files.items(),

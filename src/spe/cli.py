@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -362,8 +363,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
         per_image=per_image_settings(args) if args.per_image else None,
         progress=lambda items: progress_bar(args)(items, desc="models"),
     )
-    # Recorded so that estimating with another labels folder is named as such.
-    calibration.reference["labels_name"] = args.labels_name
     calibration.save(args.out)
 
     # Show the map the estimates will use: from the mean per-image estimate
@@ -458,14 +457,6 @@ def estimate_from_args(args: argparse.Namespace, *, labeled: bool = False):
 
     calibration = Calibration.load(args.calibration)
     settings_from_calibration(calibration)  # a damaged file fails here, early
-    calibrated_labels = calibration.reference.get("labels_name")
-    if calibrated_labels is not None and calibrated_labels != args.labels_name:
-        message = (
-            f"{args.calibration}: calibrated with the labels folder "
-            f"{calibrated_labels!r}, given --labels-name {args.labels_name!r}; use "
-            f"the same labels folder, or calibrate with this one"
-        )
-        raise SPEError(message)
     segmenter = make_segmenter(args, record=calibration.segmenter)
     announce_segmenter(segmenter, args)
     reference = load_labeled(args.reference, labels_name=args.labels_name)
@@ -1172,9 +1163,7 @@ def remove_if_empty(folder: Path | None) -> None:
         return
     if any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):
         return
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        path.rmdir()
-    folder.rmdir()
+    shutil.rmtree(folder)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -447,7 +447,13 @@ def list_image_cases(
     better than the plain names do; without ``matching``, only when every
     image name ends in ``_0000``.
     """
-    plain = list_cases(folder)
+    return read_channel_suffix(list_cases(folder), folder, matching)
+
+
+def read_channel_suffix(
+    plain: dict[str, Path], folder: Path | str, matching: Iterable[str] | None
+) -> dict[str, Path]:
+    """:func:`list_image_cases` on an already listed folder (``plain``)."""
     if not any(CHANNEL_SUFFIX.match(case_id) for case_id in plain):
         return plain
     if matching is None:
@@ -477,7 +483,13 @@ def list_mask_cases(
     of the images or of the other masks) better than the plain names do, so
     a case genuinely named ``liver_seg`` keeps its name.
     """
-    plain = list_cases(folder)
+    return read_mask_suffix(list_cases(folder), matching)
+
+
+def read_mask_suffix(
+    plain: dict[str, Path], matching: Iterable[str] | None
+) -> dict[str, Path]:
+    """:func:`list_mask_cases` on an already listed folder (``plain``)."""
     if matching is None:
         return plain
     wanted = set(matching)
@@ -485,9 +497,10 @@ def list_mask_cases(
     for suffix in MASK_SUFFIXES:
         if not all(case_id.endswith(suffix) for case_id in plain):
             continue
+        # A suffix every name ends with: stripping it keeps the ids distinct.
         stripped = {case_id[: -len(suffix)]: path for case_id, path in plain.items()}
         overlap = len(wanted & set(stripped))
-        if overlap > best_overlap and len(stripped) == len(plain):
+        if overlap > best_overlap:
             best, best_overlap = stripped, overlap
     return best
 
@@ -551,9 +564,12 @@ def open_labeled_folder(
         raise SPEError(f"{root}: no such folder; check the path")
     # Settle the mask suffix against the plain image names, then the channel
     # suffix against the labels' case ids.
-    images = list_image_cases(root / "images")
-    labels = list_mask_cases(root / labels_name, matching=images)
-    images = list_image_cases(root / "images", matching=labels)
+    image_files = list_cases(root / "images")
+    labels = read_mask_suffix(
+        list_cases(root / labels_name),
+        read_channel_suffix(image_files, root / "images", None),
+    )
+    images = read_channel_suffix(image_files, root / "images", labels)
     case_ids = match_cases(
         images,
         labels,

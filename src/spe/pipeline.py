@@ -249,6 +249,7 @@ def reference_record(reference: CaseSet) -> dict[str, Any]:
         "fingerprint": reference.fingerprint,
         "n_cases": len(reference),
         "source": reference.source,
+        "labels_name": reference.labels_name,
     }
 
 
@@ -453,14 +454,15 @@ def estimate(
     if not 0 < coverage < 1:
         raise SPEError(f"--coverage {coverage}: must be between 0 and 1 (e.g. 0.9)")
     settings, classes = settings_from_calibration(calibration)
-    check_same_kind(reference, target)
-    _, binary = resolve_task([reference], classes)
-    target = with_binary_masks(target, binary, allowed=ground_truth_labels(reference))
     calibration.check_compatible(
         segmenter=segmenter_record(segmenter),
         reference_fingerprint=reference.fingerprint,
         reference_source=reference.source,
+        reference_labels_name=reference.labels_name,
     )
+    check_same_kind(reference, target)
+    _, binary = resolve_task([reference], classes)
+    target = with_binary_masks(target, binary, allowed=ground_truth_labels(reference))
     prepared = prepare_references(segmenter, reference, settings)
 
     pseudo = compute_pseudo(segmenter, prepared, target, classes, settings)

@@ -175,9 +175,9 @@ def score_folders(
     Returns:
         (scored cases, the classes scored).
     """
-    label_files = io.list_cases(labels)
-    prediction_files = io.list_mask_cases(predictions, matching=label_files)
-    label_files = io.list_mask_cases(labels, matching=prediction_files)
+    listed_labels = io.list_cases(labels)
+    prediction_files = io.list_mask_cases(predictions, matching=listed_labels)
+    label_files = io.read_mask_suffix(listed_labels, prediction_files)
     case_ids = io.match_cases(
         prediction_files,
         label_files,
